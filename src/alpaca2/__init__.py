@@ -1,0 +1,97 @@
+"""alpaca2: Chinese-LLaMA-2 / Chinese-Alpaca-2 (and any llama.cpp model) from Python.
+
+The core is a Cython extension (alpaca2._core) compiled against a vendored llama.cpp:
+
+    >>> import alpaca2
+    >>> model = alpaca2.Model("model.gguf")
+    >>> ctx = alpaca2.Context(model, n_ctx=2048)
+    >>> ctx.decode(model.tokenize("床前明月光，"))
+    >>> token = alpaca2.Sampler(temp=0).sample(ctx)
+"""
+import os as _os
+
+from alpaca2 import _build_info
+from alpaca2._core import (
+    Batch, Context, Model, Sampler, SamplerChain,
+    backends, chat_apply_template, chat_builtin_templates, default_threads, devices,
+    llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload,
+)
+from alpaca2.errors import (
+    Alpaca2Error, ClosedError, ContextFullError, DecodeAborted, DecodeError, GrammarError,
+    ModelLoadError, StateError, TokenizeError,
+)
+
+__version__ = "0.1.0"
+LLAMA_CPP_COMMIT = _build_info.LLAMA_CPP_COMMIT
+"""The llama.cpp commit this build was compiled from."""
+
+_PKG_DIR = _os.path.dirname(_os.path.abspath(__file__))
+
+
+def get_include():
+    """Directory with llama.h, ggml*.h and alpaca2's .pxd files, for C, C++ and Cython users.
+
+    Cython: ``include_dirs=[alpaca2.get_include()]`` then ``cimport alpaca2._core``.
+    """
+    return _os.path.join(_PKG_DIR, "include")
+
+
+def get_pxd_dir():
+    """The directory to put on Cython's include path to ``cimport alpaca2._core``."""
+    return _os.path.dirname(_PKG_DIR)
+
+
+def get_lib_dir():
+    """Directory with libllama.so, libggml*.so and the backend modules (link with -lllama)."""
+    return _PKG_DIR
+
+
+def _cpu_features():
+    feats = {}
+    for part in print_system_info().split("|"):
+        if "=" in part:
+            key, _, value = part.rpartition("=")
+            key = key.split(":")[-1].strip()
+            if key and value.strip() in ("0", "1"):
+                feats[key] = value.strip() == "1"
+    return feats
+
+
+def system_info():
+    """What this build can do here: backends compiled in and loaded, devices, CPU features."""
+    loaded = backends()
+    compiled = ["CPU"] + (["CUDA"] if _build_info.CUDA else [])
+    devs = devices()
+    return {
+        "version": __version__,
+        "llama_cpp_commit": LLAMA_CPP_COMMIT,
+        "llama_cpp_source": _build_info.LLAMA_CPP_SOURCE,
+        "backends_compiled": compiled,
+        "backends_loaded": loaded,
+        "cpu_variants_compiled": [v for v in _build_info.CPU_VARIANTS.split(";") if v],
+        "devices": devs,
+        "gpu_offload": supports_gpu_offload(),
+        "cpu_features": _cpu_features(),
+        "system_info": print_system_info(),
+        "native": _build_info.NATIVE,
+        "cuda_architectures": _build_info.CMAKE_CUDA_ARCHITECTURES if _build_info.CUDA else None,
+    }
+
+
+def _note_gpu_fallback():
+    if _build_info.CUDA and "CUDA" not in backends():
+        import logging
+        logging.getLogger("alpaca2").warning(
+            "alpaca2 was built with CUDA, but no CUDA device or driver is usable here: running on the CPU")
+
+
+_note_gpu_fallback()
+
+__all__ = [
+    "Batch", "Context", "Model", "Sampler", "SamplerChain", "quantize", "system_info", "get_include",
+    "get_lib_dir", "get_pxd_dir", "backends", "devices", "set_log_level", "chat_apply_template",
+    "chat_builtin_templates", "default_threads", "print_system_info", "supports_gpu_offload",
+    "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",
+    "Alpaca2Error", "ClosedError", "ContextFullError", "DecodeAborted", "DecodeError", "GrammarError",
+    "ModelLoadError", "StateError", "TokenizeError",
+]

@@ -1,0 +1,60 @@
+# The cdef classes' fields, so other Cython code can `cimport alpaca2._core` and reach the raw
+# llama.cpp handles (Model.ptr, Context.ptr, SamplerChain.ptr).
+from libc.stdint cimport int32_t
+from alpaca2._c.llama cimport (
+    llama_model, llama_context, llama_vocab, llama_sampler, llama_batch, llama_memory_t, llama_token,
+)
+
+
+cdef class Model:
+    cdef llama_model * ptr
+    cdef const llama_vocab * vocab
+    cdef readonly str path
+    cdef int32_t _n_vocab
+    cdef object _dependents        # weakref.WeakSet of Contexts / samplers closed with the model
+    cdef object _progress_error    # exception raised inside the progress callback
+    cdef object _progress
+    cdef object __weakref__
+
+    cdef int _check(self) except -1
+
+
+cdef class Batch:
+    cdef llama_batch batch
+    cdef readonly int capacity
+    cdef readonly int n_seq_max
+    cdef bint owner
+
+
+cdef class Context:
+    cdef llama_context * ptr
+    cdef llama_memory_t mem
+    cdef readonly Model model
+    cdef Batch _batch
+    cdef int _n_vocab
+    cdef int _n_ctx
+    cdef int _n_batch
+    cdef int _n_seq_max
+    cdef bint _embeddings
+    cdef int _flags                   # _ABORT (abort() was called) | _WATCH_SIGINT; read by the abort callback
+    cdef object _lock                 # one decode at a time per context
+    cdef object _all_logits           # (n, n_vocab) float32 when decode(logits="all") spanned batches
+    cdef int _n_outputs               # outputs of the last decode
+    cdef object __weakref__
+
+    cdef int _check(self) except -1
+    cdef int _decode_tokens(self, const llama_token * tokens, int n, int seq_id, bint all_logits) except -1
+
+
+cdef class SamplerChain:
+    cdef llama_sampler * ptr
+    cdef bint owner
+    cdef list _names
+    cdef object __weakref__
+
+    cdef int _check(self) except -1
+
+
+cdef class Sampler(SamplerChain):
+    cdef readonly dict params
+    cdef object _model            # the Model the chain was built for (vocab-bound samplers)

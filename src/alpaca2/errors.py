@@ -1,0 +1,43 @@
+"""alpaca2's exceptions.  Each also subclasses the built-in a user would reach for first."""
+
+
+class Alpaca2Error(Exception):
+    """Base class of every error alpaca2 raises on purpose."""
+
+
+class ModelLoadError(Alpaca2Error, OSError):
+    """A model file could not be loaded: missing, not GGUF, truncated, corrupt or unsupported."""
+
+
+class ContextFullError(Alpaca2Error, RuntimeError):
+    """The tokens do not fit into the context's KV cache (n_ctx)."""
+
+
+class DecodeError(Alpaca2Error, RuntimeError):
+    """llama_decode failed."""
+
+
+class DecodeAborted(DecodeError):
+    """A decode was stopped by Context.abort() (Ctrl+C raises KeyboardInterrupt instead)."""
+
+
+class ClosedError(Alpaca2Error, ValueError):
+    """A method was called on a closed Model, Context or Sampler."""
+
+
+class TokenizeError(Alpaca2Error, ValueError):
+    """Text could not be tokenized, or token ids are out of range."""
+
+
+class StateError(Alpaca2Error, OSError):
+    """A saved state or session file could not be written or read back."""
+
+
+class GrammarError(Alpaca2Error, ValueError):
+    """A GBNF grammar could not be parsed."""
+
+
+__all__ = [
+    "Alpaca2Error", "ModelLoadError", "ContextFullError", "DecodeError", "DecodeAborted",
+    "ClosedError", "TokenizeError", "StateError", "GrammarError",
+]

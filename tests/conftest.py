@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny GGUF models made once per test session with alpaca2.testing."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import alpaca2
+from alpaca2 import testing
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_CPP_DIR = Path(os.environ.get("ALPACA2_LLAMA_CPP_DIR") or ROOT / "vendor" / "llama.cpp")
+# The real Chinese-LLaMA-2 tokenizer, when this checkout sits beside ../shared (never copied here).
+REAL_TOKENIZER = Path(os.environ.get("ALPACA2_TOKENIZER_MODEL")
+                      or ROOT.parent / "shared" / "data" / "chinese-llama-2-tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(model_dir):
+    """A SentencePiece BPE vocabulary (800 pieces, byte fallback) trained on mixed zh/en text."""
+    return testing.train_tokenizer(model_dir / "spm.model", vocab_size=800)
+
+
+@pytest.fixture(scope="session")
+def tiny(model_dir, tokenizer_path):
+    """(path, Weights) of the tiny f32 llama model: 2 layers, n_embd 64, GQA 4/2 heads."""
+    return testing.make_model(model_dir / "tiny.gguf", tokenizer=tokenizer_path, return_weights=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny):
+    return tiny[0]
+
+
+@pytest.fixture(scope="session")
+def other_path(model_dir, tokenizer_path):
+    """Same vocabulary and shape as tiny, different random weights."""
+    return testing.make_model(model_dir / "other.gguf", tokenizer=tokenizer_path, seed=7)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    m = alpaca2.Model(tiny_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def ctx(model):
+    c = alpaca2.Context(model, n_ctx=256, n_batch=64, n_threads=2, type_k="f32", type_v="f32",
+                        flash_attn=False)
+    yield c
+    c.close()
+
+
+def run_python(code, timeout=120, **kwargs):
+    """Run code in a fresh interpreter; returns CompletedProcess (for crash-prone cases)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

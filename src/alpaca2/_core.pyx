@@ -241,17 +241,24 @@ cdef c_bool _progress_callback(float progress, void * user_data) noexcept with g
         return False
 
 
+def _load_error(msg, errno=None, filename=None):
+    # one-argument OSError: str(err) is the message itself; errno rides along as an attribute
+    err = ModelLoadError(msg)
+    err.alpaca2_errno = errno
+    return err
+
+
 def _check_gguf_file(path):
     """Cheap checks before llama.cpp sees the file, so the common mistakes get a clear message."""
     if not os.path.exists(path):
-        raise ModelLoadError(2, f"model file not found: {path}", path)
+        raise _load_error(f"model file not found: {path}", 2, path)
     if os.path.isdir(path):
-        raise ModelLoadError(21, f"{path} is a directory, not a GGUF model file", path)
+        raise _load_error(f"{path} is a directory, not a GGUF model file", 21, path)
     try:
         with open(path, "rb") as f:
             head = f.read(24)
     except OSError as e:
-        raise ModelLoadError(e.errno, f"cannot read {path}: {e.strerror}", path) from None
+        raise _load_error(f"cannot read {path}: {e.strerror}", e.errno, path) from None
     if len(head) < 4 or head[:4] != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file (magic {head[:4]!r}); "
                              "convert it with llama.cpp's convert_hf_to_gguf.py")
@@ -938,6 +945,18 @@ cdef class Context:
             self._all_logits = all_out
         return 0
 
+    def decode_token(self, int token, int seq_id=0):
+        """Decode one token at the end of seq_id (the generation hot path: no array conversion)."""
+        self._check()
+        if token < 0 or token >= self._n_vocab:
+            raise TokenizeError(f"token id {token} is out of range for a vocabulary of {self._n_vocab} tokens")
+        if seq_id < 0 or seq_id >= self._n_seq_max:
+            self._check_seq(seq_id)
+        cdef llama_token tok = token
+        with self._lock:
+            self._check()
+            self._decode_tokens(&tok, 1, seq_id, False)
+
     def decode_batch(self, Batch batch not None):
         """Decode a hand-built Batch (several sequences, explicit positions) in one llama_decode."""
         self._check()
@@ -1116,7 +1135,7 @@ cdef class Context:
         self._check()
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise StateError(2, f"no state file at {path}", path)
+            raise StateError(f"no state file at {path}")
         cdef bytes c_path = os.fsencode(path)
         cdef const char * c_path_p = c_path
         cdef size_t cap = self._n_ctx, n_out = 0
@@ -1134,6 +1153,7 @@ cdef class Context:
     def perf(self):
         """llama.cpp's own timings for this context (ms and counts)."""
         self._check()
+        llama_synchronize(self.ptr)     # counts are booked when queued work completes
         cdef llama_perf_context_data d = llama_perf_context(self.ptr)
         return {"t_load_ms": d.t_load_ms, "t_p_eval_ms": d.t_p_eval_ms, "t_eval_ms": d.t_eval_ms,
                 "n_p_eval": d.n_p_eval, "n_eval": d.n_eval, "n_reused": d.n_reused}

@@ -167,7 +167,7 @@ CONFIGS = {
     "temp": dict(temp=0.7),
     "temp_hot": dict(temp=1.8),
     "top_k": dict(top_k=5),
-    "top_p": dict(top_p=0.8),
+    "top_p": dict(top_p=0.7),
     "min_p": dict(min_p=0.1),
     "combined": dict(temp=0.7, top_k=5, top_p=0.9, min_p=0.05),
     "combined_hot": dict(temp=1.5, top_k=10, top_p=0.85, min_p=0.15),
@@ -510,7 +510,7 @@ def test_grammar_with_dist(model):
         # a fresh sampler per draw: reset() would also re-seed dist and repeat the same draw
         s = alpaca2.Sampler(temp=1.0, top_k=0, top_p=1.0, min_p=0.0, grammar=GRAMMAR_AB,
                             model=model, seed=seed)
-        assert s.names == ["grammar", "dist"] or s.names == ["grammar", "?temp", "dist"]
+        assert s.names == ["grammar", "?temp", "dist"]     # temp=1.0 is a no-op in llama.cpp
         tok = s.sample_logits(np.zeros(model.n_vocab, dtype=np.float32))
         assert tok in allowed
         seen.add(tok)

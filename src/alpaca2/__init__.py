@@ -18,7 +18,7 @@ from alpaca2._core import (
 )
 from alpaca2.errors import (
     Alpaca2Error, ClosedError, ContextFullError, DecodeAborted, DecodeError, GrammarError,
-    ModelLoadError, StateError, TokenizeError,
+    ModelLoadError, SamplerError, StateError, TokenizeError,
 )
 
 __version__ = "0.1.0"
@@ -93,5 +93,5 @@ __all__ = [
     "chat_builtin_templates", "default_threads", "print_system_info", "supports_gpu_offload",
     "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",
     "Alpaca2Error", "ClosedError", "ContextFullError", "DecodeAborted", "DecodeError", "GrammarError",
-    "ModelLoadError", "StateError", "TokenizeError",
+    "ModelLoadError", "SamplerError", "StateError", "TokenizeError",
 ]

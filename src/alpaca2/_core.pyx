@@ -26,10 +26,18 @@ import numpy as np
 
 from alpaca2.errors import (
     Alpaca2Error, ModelLoadError, ContextFullError, DecodeError, DecodeAborted, ClosedError,
-    TokenizeError, StateError, GrammarError,
+    TokenizeError, StateError, GrammarError, SamplerError,
 )
 
 cnp.import_array()
+
+# The sampler calls can throw C++ exceptions (the grammar sampler) through llama.cpp's C API.
+# Declared here with `except +` (this module is C++) so they become Python exceptions; the
+# public _c/llama.pxd keeps plain C declarations that C extensions can cimport.
+cdef extern from "llama.h" nogil:
+    void sampler_accept_cpp "llama_sampler_accept"(llama_sampler * smpl, llama_token token) except +
+    void sampler_apply_cpp "llama_sampler_apply"(llama_sampler * smpl, llama_token_data_array * cur_p) except +
+    llama_token sampler_sample_cpp "llama_sampler_sample"(llama_sampler * smpl, llama_context * ctx, int32_t idx) except +
 
 cdef extern from "_sigint.h" nogil:
     int alpaca2_sigint_install()
@@ -1234,8 +1242,11 @@ cdef class SamplerChain:
         if ctx._all_logits is not None:
             return self.sample_logits(ctx._all_logits[idx])
         with ctx._lock:
-            with nogil:
-                tok = llama_sampler_sample(self.ptr, ctx.ptr, c_idx)
+            try:
+                with nogil:
+                    tok = sampler_sample_cpp(self.ptr, ctx.ptr, c_idx)
+            except (RuntimeError, IndexError, ValueError) as e:
+                raise _sampler_error(e) from None
         return tok
 
     def sample_logits(self, logits):
@@ -1260,11 +1271,15 @@ cdef class SamplerChain:
                 arr.size = n
                 arr.selected = -1
                 arr.sorted = False
-                llama_sampler_apply(self.ptr, &arr)
-            if arr.selected < 0 or <size_t>arr.selected >= arr.size:
-                raise ValueError("the chain selected no token (end it with 'dist' or 'greedy')")
-            tok = arr.data[arr.selected].id
-            llama_sampler_accept(self.ptr, tok)
+            try:
+                with nogil:
+                    sampler_apply_cpp(self.ptr, &arr)
+                if arr.selected < 0 or <size_t>arr.selected >= arr.size:
+                    raise ValueError("the chain selected no token (end it with 'dist' or 'greedy')")
+                tok = arr.data[arr.selected].id
+                sampler_accept_cpp(self.ptr, tok)
+            except (RuntimeError, IndexError) as e:
+                raise _sampler_error(e) from None
         finally:
             free(cand)
         return tok
@@ -1272,10 +1287,15 @@ cdef class SamplerChain:
     def accept(self, int token):
         """Add a token to the history (penalties, grammar) without sampling it."""
         self._check()
-        llama_sampler_accept(self.ptr, token)
+        if token < 0:
+            raise TokenizeError(f"token id {token} is out of range")
+        try:
+            sampler_accept_cpp(self.ptr, token)
+        except (RuntimeError, IndexError) as e:
+            raise _sampler_error(e) from None
 
     def reset(self):
-        """Forget the history (penalty window, grammar state) and reseed nothing."""
+        """Forget the history (penalty window, grammar state); a seeded dist sampler restarts its sequence."""
         self._check()
         llama_sampler_reset(self.ptr)
 
@@ -1288,6 +1308,14 @@ cdef class SamplerChain:
         self._check()
         cdef llama_perf_sampler_data d = llama_perf_sampler(self.ptr)
         return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample}
+
+
+def _sampler_error(e):
+    msg = str(e)
+    if "grammar" in msg.lower():
+        return GrammarError(f"the grammar rejects this token: {msg}")
+    return SamplerError(f"llama.cpp's sampler failed: {type(e).__name__}: {msg} "
+                        "(are the logits longer than the model's vocabulary?)")
 
 
 cdef uint32_t _seed(seed) except? 0xFFFFFFFF:

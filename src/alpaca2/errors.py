@@ -34,10 +34,14 @@ class StateError(Alpaca2Error, OSError):
 
 
 class GrammarError(Alpaca2Error, ValueError):
-    """A GBNF grammar could not be parsed."""
+    """A GBNF grammar could not be parsed, or it rejects the token being accepted."""
+
+
+class SamplerError(Alpaca2Error, RuntimeError):
+    """llama.cpp's sampler chain failed (e.g. logits longer than the vocabulary)."""
 
 
 __all__ = [
     "Alpaca2Error", "ModelLoadError", "ContextFullError", "DecodeError", "DecodeAborted",
-    "ClosedError", "TokenizeError", "StateError", "GrammarError",
+    "ClosedError", "TokenizeError", "StateError", "GrammarError", "SamplerError",
 ]

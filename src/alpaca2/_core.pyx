@@ -47,6 +47,12 @@ cdef extern from "_sigint.h" nogil:
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
+cdef extern from "pythread.h":
+    unsigned long PyThread_get_thread_ident()
+
+# Ctrl+C reaches Python's main thread only; compared per decode without touching `threading`
+cdef unsigned long _main_thread_ident = threading.main_thread().ident
+
 # ------------------------------------------------------------------------------------------------
 # Logging: llama.cpp/ggml messages go to the Python logger "alpaca2.llama".  The level test is
 # done in C first, so suppressed messages (the default: below WARNING) never take the GIL.
@@ -902,7 +908,7 @@ cdef class Context:
         if many:
             all_out = np.empty((n, self._n_vocab), dtype=np.float32)
             dst = <float *>cnp.PyArray_DATA(all_out)
-        if threading.current_thread() is threading.main_thread():
+        if PyThread_get_thread_ident() == _main_thread_ident:
             sigint = alpaca2_sigint_install()
             if sigint:
                 self._flags |= _WATCH_SIGINT

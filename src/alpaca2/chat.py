@@ -1,0 +1,569 @@
+"""The chat layer: templates, the high-level Llama object, multi-turn sessions, streaming.
+
+Plain Python over the Cython core (alpaca2._core), as h5py's high-level layer sits on its
+low-level one.  Defaults are those of Chinese-Alpaca-2's chat.sh: n_ctx 4096, temp 0.5,
+top_k 40, top_p 0.9, repeat_penalty 1.1 over the last 64 tokens, every layer on the GPU when
+there is one.
+
+    >>> llm = alpaca2.Llama("chinese-alpaca-2-7b.Q4_0.gguf")
+    >>> print(llm.chat("背一下静夜思"))
+    >>> session = alpaca2.ChatSession(llm)
+    >>> for piece in session.send("你好"):
+    ...     print(piece, end="", flush=True)
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import time
+import uuid
+from typing import Iterable, Iterator, Sequence
+
+from alpaca2._core import Context, Model, Sampler, chat_apply_template
+from alpaca2.errors import ContextFullError
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
+
+# chat.sh's sampling settings
+DEFAULT_SAMPLING = dict(temp=0.5, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.1, penalty_last_n=64)
+_SAMPLING_KEYS = ("temp", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "penalty_last_n",
+                  "frequency_penalty", "presence_penalty", "mirostat", "grammar", "logit_bias", "seed")
+
+
+# ------------------------------------------------------------------------------------------------
+# Templates
+
+class Template:
+    """How a list of {"role", "content"} messages becomes the prompt's token ids."""
+    name = "template"
+    strip_leading_space = False   # answers follow "[/INST]" + " ": the model's first piece carries it
+
+    def format_messages(self, messages: Sequence[dict]) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def tokenize_messages(self, model: Model, messages: Sequence[dict],
+                          add_generation_prompt: bool = True) -> list[int]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _check_messages(messages):
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"each message must be a dict with role system/user/assistant, got {m!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message content must be a str, got {type(m.get('content')).__name__}")
+
+
+class Alpaca2Template(Template):
+    """The Llama-2-chat format, exactly as Chinese-Alpaca-2's authors build it.
+
+    BOS + "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q1} [/INST]", each answer " {a}" + EOS, each
+    later turn BOS + "[INST] {q} [/INST]".  BOS and EOS are token ids; every piece of text is
+    tokenized with special=False, so a user who types "</s><s>[INST]" gets those characters.
+    """
+    name = "alpaca2"
+    strip_leading_space = True
+
+    def __init__(self, default_system: str | None = DEFAULT_SYSTEM_PROMPT):
+        self.default_system = default_system
+
+    def _turns(self, messages):
+        """(system, [(user, assistant-message-or-None), ...]) from the messages."""
+        _check_messages(messages)
+        system = self.default_system
+        rest = list(messages)
+        if rest and rest[0]["role"] == "system":
+            system = rest.pop(0)["content"]
+        turns = []
+        for m in rest:
+            if m["role"] == "user":
+                turns.append([m["content"], None])
+            elif m["role"] == "assistant":
+                if not turns or turns[-1][1] is not None:
+                    raise ValueError("an assistant message must follow a user message")
+                turns[-1][1] = m
+            else:
+                raise ValueError("a system message may only come first")
+        return system, turns
+
+    def _inst(self, question, system, first):
+        if first and system:
+            return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{question} [/INST]"
+        return f"[INST] {question} [/INST]"
+
+    def format_messages(self, messages):
+        """The prompt as text, BOS/EOS shown as <s> and </s> (for display only)."""
+        system, turns = self._turns(messages)
+        out = []
+        for i, (q, a) in enumerate(turns):
+            out.append("<s>" + self._inst(q, system, i == 0))
+            if a is not None:
+                out.append(f" {a['content']}</s>")
+        return "".join(out)
+
+    def tokenize_messages(self, model, messages, add_generation_prompt=True):
+        """Token ids of the conversation.  An assistant message may carry "tokens" (the ids the
+        model generated); they are used as they are, so a session's KV cache stays reusable."""
+        system, turns = self._turns(messages)
+        bos, eos = model.bos, model.eos
+        ids: list[int] = []
+        for i, (q, a) in enumerate(turns):
+            ids.append(bos)
+            ids += model.tokenize(self._inst(q, system, i == 0), add_bos=False, special=False)
+            if a is not None:
+                toks = a.get("tokens")
+                ids += list(toks) if toks is not None else model.tokenize(a["content"], add_bos=False, special=False)
+                ids.append(eos)
+        return ids
+
+
+class ModelTemplate(Template):
+    """The model's own tokenizer.chat_template, through llama.cpp's built-in template support.
+
+    The template's own markup may contain special tokens; message contents never do: when a
+    content would tokenize differently with special parsing, the contents are tokenized apart.
+    """
+    name = "model"
+
+    def __init__(self, template: str):
+        self.template = template
+
+    def format_messages(self, messages, add_generation_prompt=True):
+        _check_messages(messages)
+        return chat_apply_template(self.template, messages, add_generation_prompt)
+
+    def tokenize_messages(self, model, messages, add_generation_prompt=True):
+        _check_messages(messages)
+        contents = [m["content"] for m in messages]
+        safe = all(model.tokenize(c, add_bos=False, special=True) == model.tokenize(c, add_bos=False, special=False)
+                   for c in contents)
+        if safe:
+            text = self.format_messages(messages, add_generation_prompt)
+            return model.tokenize(text, add_bos=True, special=True)
+        # render with placeholders, then tokenize markup (special) and contents (plain) apart
+        marks = [f"\x01{uuid.uuid4().hex}\x02" for _ in messages]
+        masked = [dict(m, content=mark) for m, mark in zip(messages, marks)]
+        text = chat_apply_template(self.template, masked, add_generation_prompt)
+        ids: list[int] = []
+        first = True
+        for part in re.split("(" + "|".join(map(re.escape, marks)) + ")", text):
+            if not part:
+                continue
+            if part in marks:
+                ids += model.tokenize(contents[marks.index(part)], add_bos=False, special=False)
+            else:
+                ids += model.tokenize(part, add_bos=first, special=True)
+            first = False
+        return ids
+
+
+class CompletionTemplate(Template):
+    """Plain text continuation (base models): the contents one after another, a newline between."""
+    name = "completion"
+
+    def format_messages(self, messages):
+        _check_messages(messages)
+        return "\n".join(m["content"] for m in messages)
+
+    def tokenize_messages(self, model, messages, add_generation_prompt=True):
+        return model.tokenize(self.format_messages(messages), add_bos=True, special=False)
+
+
+def choose_template(model: Model, template="auto") -> Template:
+    """'alpaca2', 'model', 'completion', a Template, or 'auto': Alpaca/chat models chat with the
+    Alpaca-2 format, models with their own chat template use it, base models complete."""
+    if isinstance(template, Template):
+        return template
+    if template == "alpaca2":
+        return Alpaca2Template()
+    if template == "completion":
+        return CompletionTemplate()
+    if template == "model":
+        if not model.chat_template:
+            raise ValueError("this model has no tokenizer.chat_template")
+        return ModelTemplate(model.chat_template)
+    if template != "auto":
+        raise ValueError(f"template must be 'auto', 'alpaca2', 'model', 'completion' or a Template, got {template!r}")
+    md = model.metadata
+    name = (md.get("general.name", "") + " " + md.get("general.basename", "") + " " +
+            md.get("general.finetune", "")).lower()
+    if "alpaca" in name or "[INST]" in (model.chat_template or "") and "<<SYS>>" in (model.chat_template or ""):
+        return Alpaca2Template()
+    if model.chat_template:
+        return ModelTemplate(model.chat_template)
+    if any(w in name for w in ("chat", "instruct", "-it")):
+        return Alpaca2Template()
+    return CompletionTemplate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming text: UTF-8 safe, stop strings matched across token boundaries and never leaked
+
+class TextStream:
+    """Turns token pieces (bytes) into text: incomplete UTF-8 is held back, stop strings cut."""
+
+    def __init__(self, stop: Sequence[str] = (), strip_leading_space: bool = False):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stop = [s for s in stop if s]
+        self._pending = ""
+        self._strip = strip_leading_space
+        self.stopped = False
+        self.text = ""
+
+    def push(self, piece: bytes) -> str:
+        """Add a token's bytes; return the text that is safe to show now."""
+        if self.stopped:
+            return ""
+        new = self._decoder.decode(piece)
+        if self._strip and new:
+            self._strip = False           # strip one leading space, once
+            if new.startswith(" "):
+                new = new[1:]
+        return self._release(self._pending + new, final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        return self._release(self._pending + self._decoder.decode(b"", final=True), final=True)
+
+    def _release(self, buf: str, final: bool) -> str:
+        cut = -1
+        for s in self.stop:
+            i = buf.find(s)
+            if i != -1 and (cut == -1 or i < cut):
+                cut = i
+        if cut != -1:
+            self.stopped = True
+            self._pending = ""
+            out = buf[:cut]
+        elif final:
+            self._pending = ""
+            out = buf
+        else:
+            keep = 0          # the longest tail of buf that may be the start of a stop string
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                    if buf.endswith(s[:k]):
+                        keep = max(keep, k)
+                        break
+            out, self._pending = (buf[:-keep], buf[-keep:]) if keep else (buf, "")
+        self.text += out
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+class Llama:
+    """A model and a context with the chat.sh defaults: generate(), chat(), OpenAI-shaped calls.
+
+    Llama(model_path_or_Model, n_ctx=4096, n_gpu_layers=-1, n_threads=None, n_batch=512,
+          template="auto", seed=None, verbose=False, **context_kwargs)
+
+    Consecutive calls reuse the KV cache for the longest common prefix of the token sequences,
+    so a growing conversation decodes only its new tokens.
+    """
+
+    def __init__(self, model, *, n_ctx=4096, n_gpu_layers=-1, n_threads=None, n_batch=512,
+                 template="auto", seed=None, verbose=False, progress=None, **context_kwargs):
+        if isinstance(model, Model):
+            self.model = model
+            self._owns_model = False
+        else:
+            self.model = Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose, progress=progress)
+            self._owns_model = True
+        if self.model.n_ctx_train and n_ctx > self.model.n_ctx_train:
+            n_ctx = self.model.n_ctx_train
+        self.ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, **context_kwargs)
+        self.template = choose_template(self.model, template)
+        self.seed = seed
+        self._tokens: list[int] = []      # what the KV cache holds (sequence 0), in order
+        self.last_stats: dict = {}
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def close(self):
+        self.ctx.close()
+        if self._owns_model:
+            self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def n_ctx(self):
+        return self.ctx.n_ctx
+
+    def tokenize(self, text, add_bos=True, special=False):
+        return self.model.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens, special=False):
+        return self.model.detokenize(tokens, special=special)
+
+    def reset(self):
+        """Empty the KV cache."""
+        self.ctx.clear()
+        self._tokens = []
+
+    def make_sampler(self, **params) -> Sampler:
+        unknown = set(params) - set(_SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"unknown sampling parameters: {sorted(unknown)}")
+        merged = dict(DEFAULT_SAMPLING)
+        merged["seed"] = self.seed
+        merged.update({k: v for k, v in params.items() if v is not None})
+        return Sampler(model=self.model, **merged)
+
+    def _prefill(self, prompt: list[int]) -> int:
+        """Bring the KV cache to hold exactly `prompt`; returns how many tokens were decoded."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.ctx.n_ctx:
+            raise ContextFullError(f"the prompt has {len(prompt)} tokens; the context holds {self.ctx.n_ctx}")
+        common = 0
+        for a, b in zip(self._tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)          # re-decode at least one token for fresh logits
+        if common < len(self._tokens):
+            self.ctx.seq_rm(0, common, -1)
+        self._tokens = list(prompt[:common])
+        try:
+            self.ctx.decode(prompt[common:])
+        except BaseException:
+            self._tokens = prompt[:common]
+            raise
+        self._tokens = list(prompt)
+        return len(prompt) - common
+
+    def _generate(self, prompt: list[int], max_tokens: int, stop: Sequence[str], sampling: dict,
+                  strip_leading_space: bool) -> Iterator[tuple[str, int | None]]:
+        """Yield (text, token) while generating; the last item is ("", None) with stats set."""
+        if max_tokens is not None and max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        sampler = self.make_sampler(**sampling)
+        t0 = time.perf_counter()
+        n_prefill = self._prefill(prompt)
+        t1 = time.perf_counter()
+        stream = TextStream(stop, strip_leading_space)
+        generated: list[int] = []
+        finish = "length"
+        budget = self.ctx.n_ctx - len(self._tokens)
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
+        try:
+            while len(generated) < budget:
+                tok = sampler.sample(self.ctx)
+                if self.model.token_is_eog(tok):
+                    finish = "stop"
+                    break
+                generated.append(tok)
+                text = stream.push(self.model.token_to_piece(tok))
+                if text:
+                    yield text, tok
+                if stream.stopped:
+                    finish = "stop"
+                    break
+                if len(generated) < budget:
+                    self.ctx.decode_token(tok)
+                    self._tokens.append(tok)
+            tail = stream.finish()
+            if tail:
+                yield tail, None
+        finally:
+            t2 = time.perf_counter()
+            self.last_stats = {
+                "prompt_tokens": len(prompt), "prompt_tokens_decoded": n_prefill,
+                "completion_tokens": len(generated), "finish_reason": finish,
+                "prompt_ms": (t1 - t0) * 1000, "generation_ms": (t2 - t1) * 1000,
+                "tokens_per_second": len(generated) / (t2 - t1) if t2 > t1 and generated else 0.0,
+                "tokens": generated, "text": stream.text,
+            }
+
+    def _run(self, prompt, max_tokens, stop, sampling, strip, stream):
+        gen = self._generate(prompt, max_tokens, stop or (), sampling, strip)
+        if stream:
+            return (text for text, _ in gen)
+        return "".join(text for text, _ in gen)
+
+    # -- public calls ------------------------------------------------------------------------------
+    def generate(self, prompt: str, max_tokens: int = 256, *, stop: Sequence[str] = (), stream: bool = False,
+                 **sampling):
+        """Continue text (base models).  Returns the new text, or an iterator of pieces."""
+        ids = self.model.tokenize(prompt, add_bos=True, special=False)
+        return self._run(ids, max_tokens, stop, sampling, False, stream)
+
+    def chat(self, messages, max_tokens: int = 512, *, system: str | None = None, stop: Sequence[str] = (),
+             stream: bool = False, **sampling):
+        """Answer a conversation (a str is one user message).  Returns text or an iterator of pieces."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = list(messages)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+        ids = self.template.tokenize_messages(self.model, messages)
+        return self._run(ids, max_tokens, stop, sampling, self.template.strip_leading_space, stream)
+
+    def create_completion(self, prompt: str, max_tokens: int = 256, *, stop=(), stream=False, **sampling):
+        """An OpenAI text_completion dict (or an iterator of chunk dicts when stream=True)."""
+        ids = self.model.tokenize(prompt, add_bos=True, special=False)
+        return self._openai(ids, max_tokens, stop, sampling, False, stream, chat=False)
+
+    def create_chat_completion(self, messages, max_tokens: int = 512, *, stop=(), stream=False, **sampling):
+        """An OpenAI chat.completion dict (or chat.completion.chunk dicts when stream=True)."""
+        ids = self.template.tokenize_messages(self.model, list(messages))
+        return self._openai(ids, max_tokens, stop, sampling, self.template.strip_leading_space, stream, chat=True)
+
+    def _openai(self, ids, max_tokens, stop, sampling, strip, stream, chat):
+        if isinstance(stop, str):
+            stop = [stop]
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        name = os.path.basename(self.model.path)
+        gen = self._generate(ids, max_tokens, stop or (), sampling, strip)
+
+        def usage():
+            s = self.last_stats
+            return {"prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
+                    "total_tokens": s["prompt_tokens"] + s["completion_tokens"]}
+
+        if not stream:
+            text = "".join(t for t, _ in gen)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                          "finish_reason": self.last_stats["finish_reason"]}
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None,
+                          "finish_reason": self.last_stats["finish_reason"]}
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                    "model": name, "choices": [choice], "usage": usage()}
+
+        def chunks():
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            if chat:
+                yield {"id": rid, "object": obj, "created": created, "model": name,
+                       "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+            for text, _ in gen:
+                piece = {"content": text} if chat else None
+                choice = ({"index": 0, "delta": piece, "finish_reason": None} if chat else
+                          {"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+                yield {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
+            last = ({"index": 0, "delta": {}, "finish_reason": self.last_stats["finish_reason"]} if chat else
+                    {"index": 0, "text": "", "logprobs": None, "finish_reason": self.last_stats["finish_reason"]})
+            yield {"id": rid, "object": obj, "created": created, "model": name, "choices": [last],
+                   "usage": usage()}
+        return chunks()
+
+
+# ------------------------------------------------------------------------------------------------
+
+class ChatSession:
+    """A multi-turn conversation that keeps its history and reuses the KV cache.
+
+    Turn N decodes only its new tokens: the answers' generated token ids are kept with the
+    history, so the next prompt starts with exactly what the cache holds.  When the history no
+    longer fits (prompt + max_tokens > n_ctx), the oldest turns are dropped, the system prompt
+    kept, and the conversation after the system prompt is decoded again (the system prompt's
+    tokens stay in the cache).
+    """
+
+    def __init__(self, llm: Llama, system: str | None = DEFAULT_SYSTEM_PROMPT, *, max_tokens: int = 512,
+                 stop: Sequence[str] = (), **sampling):
+        self.llm = llm
+        self.system = system
+        self.max_tokens = max_tokens
+        self.stop = list(stop)
+        self.sampling = sampling
+        self._history: list[dict] = []        # user/assistant messages (assistant ones keep "tokens")
+        self.dropped_turns = 0
+        self.last_stats: dict = {}
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation as OpenAI-style messages (system first when set)."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": m["role"], "content": m["content"]} for m in self._history]
+
+    def _full(self, history):
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + history
+
+    def reset(self, system: str | None = ...):
+        """Forget the conversation (optionally with a new system prompt)."""
+        if system is not ...:
+            self.system = system
+        self._history = []
+        self.dropped_turns = 0
+
+    def send(self, text: str, stream: bool = True, max_tokens: int | None = None, **sampling):
+        """Add a user message and answer it: an iterator of text pieces, or the text (stream=False)."""
+        if not isinstance(text, str):
+            raise TypeError("text must be a str")
+        gen = self._send(text, self.max_tokens if max_tokens is None else max_tokens, {**self.sampling, **sampling})
+        return gen if stream else "".join(gen)
+
+    def _send(self, text, max_tokens, sampling):
+        llm = self.llm
+        template = llm.template
+        history = self._history + [{"role": "user", "content": text}]
+        ids = template.tokenize_messages(llm.model, self._full(history))
+        dropped = 0
+        while len(ids) + max_tokens > llm.n_ctx and len(history) > 1:
+            # drop the oldest user/assistant pair; the system prompt stays
+            cut = 2 if len(history) > 2 and history[1]["role"] == "assistant" else 1
+            history = history[cut:]
+            dropped += 1
+            ids = template.tokenize_messages(llm.model, self._full(history))
+        if len(ids) >= llm.n_ctx:
+            raise ContextFullError(f"the message needs {len(ids)} tokens; the context holds {llm.n_ctx}")
+        budget = min(max_tokens, llm.n_ctx - len(ids))
+        answer = {"role": "assistant", "content": "", "tokens": []}
+        pieces = []
+        try:
+            for piece, _ in llm._generate(ids, budget, self.stop, sampling, template.strip_leading_space):
+                pieces.append(piece)
+                yield piece
+        finally:
+            # also after Ctrl+C or an abandoned iterator: the partial answer joins the history
+            stats = dict(llm.last_stats)
+            answer["content"] = "".join(pieces)
+            answer["tokens"] = stats.get("tokens", [])
+            self._history = history + [answer]
+            self.dropped_turns += dropped
+            stats["dropped_turns"] = dropped
+            self.last_stats = stats
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, path, include_state: bool = False):
+        """Write the session as JSON (atomically); with include_state, also the KV cache next to it."""
+        path = os.fspath(path)
+        data = {"format": "alpaca2.ChatSession/1", "system": self.system, "max_tokens": self.max_tokens,
+                "stop": self.stop, "sampling": self.sampling, "history": self._history,
+                "state_file": None}
+        if include_state:
+            state_path = path + ".kv"
+            self.llm.ctx.save_state_file(state_path, self.llm._tokens)
+            data["state_file"] = os.path.basename(state_path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, llm: Llama, path) -> "ChatSession":
+        """Read a session written by save(); restores the KV cache too when it was saved."""
+        path = os.fspath(path)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format") != "alpaca2.ChatSession/1":
+            raise ValueError(f"{path} is not an alpaca2 chat session file")
+        s = cls(llm, data["system"], max_tokens=data["max_tokens"], stop=data["stop"], **data["sampling"])
+        s._history = data["history"]
+        if data.get("state_file"):
+            state = os.path.join(os.path.dirname(path), data["state_file"])
+            llm._tokens = llm.ctx.load_state_file(state)
+        return s

@@ -38,7 +38,7 @@ def test_model_properties(model, tiny):
     md = model.metadata
     assert md["general.architecture"] == "llama"
     assert md["llama.block_count"] == "2"
-    assert md["general.name"] == "alpaca2-test"
+    assert md["general.name"] == "tiny-llama"
 
 
 def test_model_is_a_context_manager_and_close_is_idempotent(tiny_path):

@@ -155,7 +155,7 @@ def random_weights(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, seed=0, ro
 
 
 def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_size=800,
-               name="alpaca2-test", chat_template=None, n_layer=None, return_weights=False):
+               name="tiny-llama", chat_template=None, n_layer=None, return_weights=False):
     """Write a llama-architecture GGUF model at path and return the path (and the Weights).
 
     ``shape``: a key of SHAPES or a dict with n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx_train.

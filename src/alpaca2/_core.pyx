@@ -1000,6 +1000,12 @@ cdef class Context:
             self._all_logits = None
             self._n_outputs = n_out
 
+    def synchronize(self):
+        """Wait for queued work (a GPU backend computes asynchronously) to finish."""
+        self._check()
+        with nogil:
+            llama_synchronize(self.ptr)
+
     def abort(self):
         """Ask a decode running in another thread to stop (it raises DecodeAborted)."""
         self._flags |= _ABORT

@@ -262,6 +262,28 @@ def cmd_tokenize(args) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args) -> int:
+    from alpaca2 import bench
+    path = _model_path(args)
+
+    def progress(kind, n, r, reps):
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r{kind}{n}: {r}/{reps}   ")
+            sys.stderr.flush()
+
+    def ints(text):
+        return [int(x) for x in text.split(",") if x.strip()]
+    rows = bench.run(path, n_prompt=ints(args.n_prompt), n_gen=ints(args.n_gen), gen=ints(args.gen),
+                     repetitions=args.repetitions, n_threads=args.threads, n_batch=args.batch_size,
+                     n_ubatch=args.ubatch_size, n_gpu_layers=args.n_gpu_layers,
+                     flash_attn={"auto": "auto", "1": True, "0": False}[args.flash_attn],
+                     type_k=args.cache_type_k, type_v=args.cache_type_v, progress=progress)
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 30 + "\r")
+    print(bench.format_rows(rows, args.output))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alpaca2", description="Chinese-LLaMA-2 / Chinese-Alpaca-2 on llama.cpp")
     sub = p.add_subparsers(dest="command", required=True)
@@ -289,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="build, devices and CPU features; with -m the model's metadata (JSON)")
     _add_model_args(i, required=False)
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="tokens/sec: pp, tg (as llama-bench) and gen (end to end)")
+    _add_model_args(b)
+    b.add_argument("-p", "--n-prompt", default="512", help="prompt sizes, comma-separated (default 512)")
+    b.add_argument("-n", "--n-gen", default="128", help="generation sizes for tg (default 128)")
+    b.add_argument("-g", "--gen", default="128", help="generation sizes for gen (default 128; 0 = off)")
+    b.add_argument("-r", "--repetitions", type=int, default=5)
+    b.add_argument("-t", "--threads", type=int, default=None)
+    b.add_argument("-b", "--batch-size", type=int, default=2048)
+    b.add_argument("-ub", "--ubatch-size", type=int, default=512)
+    b.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
+    b.add_argument("-fa", "--flash-attn", choices=["auto", "0", "1"], default="auto")
+    b.add_argument("-ctk", "--cache-type-k", default="f16")
+    b.add_argument("-ctv", "--cache-type-v", default="f16")
+    b.add_argument("-o", "--output", choices=["md", "json", "jsonl", "csv"], default="md")
+    b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("tokenize", help="token ids and pieces of a text")
     _add_model_args(t)

@@ -1,0 +1,147 @@
+"""``alpaca2 bench``: llama-bench's tests through alpaca2's Python API, plus an end-to-end one.
+
+- ``pp N``: prompt processing, N tokens decoded in n_batch chunks (as llama-bench's -p).
+- ``tg N``: token generation, N single-token decodes without sampling (as llama-bench's -n).
+- ``gen N``: what users feel: tokenize a prompt, decode it, then N tokens sampled with chat.sh's
+  settings (temp 0.5, top_k 40, top_p 0.9, repeat_penalty 1.1), turned into text; EOS suppressed
+  so every run makes N tokens.  Reported as generated tokens per second.
+
+Each test runs once as a warm-up (as llama-bench does), then ``repetitions`` times; the table
+gives mean ± stddev of tokens/sec.  Output: markdown (default), json, jsonl or csv.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from alpaca2._core import Context, Model, Sampler, default_threads, devices, supports_gpu_offload
+
+GEN_PROMPT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。请把这首诗翻译成英文，并解释它的意思。"
+CHAT_SH_SAMPLING = dict(temp=0.5, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.1, penalty_last_n=64)
+
+
+def _tokens(model: Model, n: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(low=min(3, model.n_vocab - 1), high=model.n_vocab, size=n).tolist()
+
+
+def time_pp(ctx: Context, model: Model, n_prompt: int, seed: int = 0) -> float:
+    """Seconds to decode n_prompt tokens into an empty cache (logits of the last one only)."""
+    tokens = _tokens(model, n_prompt, seed)
+    if model.add_bos:
+        tokens[0] = model.bos
+    ctx.clear()
+    t0 = time.perf_counter()
+    ctx.decode(tokens)
+    ctx.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_tg(ctx: Context, model: Model, n_gen: int, seed: int = 0) -> float:
+    """Seconds for n_gen single-token decodes (no sampling), as llama-bench's tg."""
+    tokens = _tokens(model, n_gen, seed)
+    if model.add_bos:
+        tokens[0] = model.bos
+    ctx.clear()
+    decode_token = ctx.decode_token
+    t0 = time.perf_counter()
+    for t in tokens:
+        decode_token(t)
+    ctx.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_gen(ctx: Context, model: Model, n_gen: int, seed: int = 0, prompt: str = GEN_PROMPT) -> float:
+    """Seconds to generate n_gen tokens of text after a prompt, chat.sh's sampler, EOS suppressed."""
+    bias = {t: -math.inf for t in {model.eos, model.eot} if t >= 0}
+    sampler = Sampler(model=model, seed=seed, logit_bias=bias, **CHAT_SH_SAMPLING)
+    ctx.clear()
+    ids = model.tokenize(prompt)
+    ctx.decode(ids)
+    pieces = []
+    t0 = time.perf_counter()
+    for i in range(n_gen):
+        tok = sampler.sample(ctx)
+        pieces.append(model.token_to_piece(tok))
+        if i + 1 < n_gen:
+            ctx.decode_token(tok)
+    b"".join(pieces).decode("utf-8", "replace")
+    return time.perf_counter() - t0
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpus = [d["description"] for d in devices() if d["type"] in ("gpu", "igpu")]
+    return f"{cpu}, {os.cpu_count()} CPUs" + (f", GPU: {', '.join(gpus)}" if gpus else "")
+
+
+def run(model_path: str, *, n_prompt=(512,), n_gen=(128,), gen=(128,), repetitions=5, n_threads=None,
+        n_batch=2048, n_ubatch=512, n_gpu_layers=-1, flash_attn="auto", type_k="f16", type_v="f16",
+        n_ctx=None, progress=None) -> list[dict]:
+    """Run the tests; one dict per test (tokens/sec samples, mean, stddev and the settings)."""
+    n_threads = n_threads or default_threads()
+    model = Model(model_path, n_gpu_layers=n_gpu_layers)
+    need = max(list(n_prompt) + list(n_gen) + [g + 64 for g in gen] + [1]) + 8
+    ctx = Context(model, n_ctx=n_ctx or max(need, 256), n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+                  flash_attn=flash_attn, type_k=type_k, type_v=type_v)
+    backend = "CUDA" if supports_gpu_offload() and n_gpu_layers != 0 else "CPU"
+    base = {"model": os.path.basename(model_path), "model_desc": model.desc, "size": model.size,
+            "n_params": model.n_params, "backend": backend, "n_threads": n_threads, "n_batch": n_batch,
+            "n_ubatch": n_ubatch, "n_gpu_layers": n_gpu_layers, "flash_attn": str(flash_attn),
+            "type_k": type_k, "type_v": type_v}
+    plan = [("pp", n, time_pp) for n in n_prompt if n > 0] + [("tg", n, time_tg) for n in n_gen if n > 0] + \
+           [("gen", n, time_gen) for n in gen if n > 0]
+    rows = []
+    try:
+        for kind, n, fn in plan:
+            fn(ctx, model, n, 0)                                   # warm-up
+            samples = []
+            for r in range(repetitions):
+                samples.append(n / fn(ctx, model, n, r + 1))
+                if progress:
+                    progress(kind, n, r + 1, repetitions)
+            rows.append(dict(base, test=f"{kind}{n}", n=n, samples=samples,
+                             mean=statistics.fmean(samples),
+                             stddev=statistics.stdev(samples) if len(samples) > 1 else 0.0))
+    finally:
+        ctx.close()
+        model.close()
+    return rows
+
+
+def format_rows(rows: list[dict], fmt: str = "md") -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "jsonl":
+        return "\n".join(json.dumps(r) for r in rows)
+    if fmt == "csv":
+        out = io.StringIO()
+        keys = [k for k in rows[0] if k != "samples"] if rows else []
+        w = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        return out.getvalue()
+    lines = ["| model | size | params | backend | threads | ngl | fa | test | t/s |",
+             "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['model_desc']} | {r['size'] / 2**20:.2f} MiB | {r['n_params'] / 1e6:.2f} M | "
+                     f"{r['backend']} | {r['n_threads']} | {r['n_gpu_layers']} | {r['flash_attn']} | {r['test']} | "
+                     f"{r['mean']:.2f} ± {r['stddev']:.2f} |")
+    return "\n".join(lines)

@@ -64,6 +64,16 @@ def test_closing_the_model_closes_its_contexts(tiny_path):
         _ = c.logits
 
 
+def test_closing_the_model_closes_samplers_bound_to_its_vocabulary(tiny_path):
+    m = alpaca2.Model(tiny_path)
+    s = alpaca2.Sampler(temp=0, grammar='root ::= "a"', model=m)
+    free = alpaca2.Sampler(temp=0)
+    m.close()
+    with pytest.raises(alpaca2.ClosedError):
+        s.sample_logits(np.zeros(800, dtype=np.float32))
+    assert free.sample_logits(np.array([0.0, 2.0, 1.0], dtype=np.float32)) == 1
+
+
 def test_load_progress_callback_and_cancel(tiny_path):
     seen = []
     m = alpaca2.Model(tiny_path, progress=seen.append)

@@ -1508,6 +1508,8 @@ cdef class Sampler(SamplerChain):
             self.add("temp", p["temp"])
             self.add("dist", seed=p["seed"])
         self._model = model
+        if model is not None:
+            model._dependents.add(self)   # grammar/logit_bias point into the vocabulary: close with the model
 
     def sample(self, Context ctx not None, int idx=-1):
         self._check()

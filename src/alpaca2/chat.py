@@ -329,8 +329,10 @@ class Llama:
                 break
             common += 1
         common = min(common, len(prompt) - 1)          # re-decode at least one token for fresh logits
-        if common < len(self._tokens):
-            self.ctx.seq_rm(0, common, -1)
+        # Trim unconditionally: a Ctrl+C that lands just after ctx.decode_token() returned (before
+        # _generate's bookkeeping) leaves one token in the cache that self._tokens does not list;
+        # left there, the next prompt would be decoded one position too far, after a stray token.
+        self.ctx.seq_rm(0, common, -1)
         self._tokens = list(prompt[:common])
         try:
             self.ctx.decode(prompt[common:])

@@ -338,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _not_an_abort(record) -> bool:
+    """Logging filter: Ctrl+C stops a decode on purpose, so llama.cpp's ERROR lines about it
+    ("failed to compute graph, compute status: 1" = GGML_STATUS_ABORTED, "failed to decode,
+    ret = 2" = aborted) are not shown in the middle of the chat."""
+    msg = record.getMessage()
+    return not ("failed to compute graph, compute status: 1" in msg or "failed to decode, ret = 2" in msg)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import logging
@@ -345,6 +353,7 @@ def main(argv=None) -> int:
     from alpaca2.errors import Alpaca2Error
     if not getattr(args, "verbose", False):
         alpaca2.set_log_level(logging.ERROR)    # llama.cpp's warnings about the file are not for users
+    logging.getLogger("alpaca2.llama").addFilter(_not_an_abort)
     try:
         if getattr(args, "model", None) and not os.path.exists(args.model) and (
                 args.model.endswith(".gguf") and args.model.count("/") != 2 or os.sep in args.model[:1]):

@@ -58,6 +58,16 @@ cdef unsigned long _main_thread_ident = threading.main_thread().ident
 # done in C first, so suppressed messages (the default: below WARNING) never take the GIL.
 
 log = logging.getLogger("alpaca2.llama")
+
+
+def _not_an_abort(record):
+    """An aborted decode (abort(), Ctrl+C) becomes an exception; llama.cpp's own ERROR lines about
+    it ("failed to compute graph, compute status: 1", "failed to decode, ret = 2") are dropped."""
+    msg = record.getMessage()
+    return not ("failed to compute graph, compute status: 1" in msg or "failed to decode, ret = 2" in msg)
+
+
+log.addFilter(_not_an_abort)
 cdef int _log_threshold = GGML_LOG_LEVEL_WARN
 cdef int _log_last_level = GGML_LOG_LEVEL_INFO
 _log_buffer = []

@@ -7,7 +7,7 @@
     alpaca2 tokenize -m MODEL TEXT                 token ids and pieces
 
 Sampling defaults are chat.sh's: -c 4096 --temp 0.5 --top-k 40 --top-p 0.9 --repeat-penalty 1.1.
-In chat: /reset, /system TEXT, /save FILE, /exit; Ctrl+C stops an answer, Ctrl+C at an empty
+In chat: /reset, /system TEXT, /save FILE, /exit; Ctrl+C stops an answer, Ctrl+C at the
 prompt or Ctrl+D ends the chat.  With stdin not a terminal, chat reads one instruction per line
 and prints one answer per line (newlines inside an answer become spaces).
 """
@@ -142,13 +142,15 @@ def cmd_chat(args) -> int:
     interactive = sys.stdin.isatty()
     out = sys.stdout
     if not interactive:
+        def one_line(answer):
+            return " ".join(answer.splitlines())     # \n, \r and the other line breaks become spaces
         if args.instruction:
-            print(session.send(args.instruction, stream=False).replace("\n", " "), flush=True)
+            print(one_line(session.send(args.instruction, stream=False)), flush=True)
         for line in sys.stdin:
             line = line.rstrip("\n")
             if not line.strip():
                 continue
-            print(session.send(line, stream=False).replace("\n", " "), flush=True)
+            print(one_line(session.send(line, stream=False)), flush=True)
         llm.close()
         return EXIT_OK
 
@@ -158,7 +160,7 @@ def cmd_chat(args) -> int:
     except ImportError:
         pass
     print(f"{colors.info}/reset  /system TEXT  /save FILE  /exit   Ctrl+C stops an answer; "
-          f"Ctrl+D or Ctrl+C at an empty prompt quits{colors.reset}", file=sys.stderr)
+          f"Ctrl+D or Ctrl+C at the prompt quits{colors.reset}", file=sys.stderr)
     pending = args.instruction
     while True:
         if pending is None:
@@ -258,7 +260,8 @@ def cmd_tokenize(args) -> int:
             print(ids)
         else:
             for t in ids:
-                print(f"{t:6d} {m.token_to_piece(t, special=True)!r}")
+                piece = m.token_to_piece(t, special=True).decode("utf-8", "backslashreplace")
+                print(f"{t:6d} {piece!r}")
     return EXIT_OK
 
 
@@ -338,14 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _not_an_abort(record) -> bool:
-    """Logging filter: Ctrl+C stops a decode on purpose, so llama.cpp's ERROR lines about it
-    ("failed to compute graph, compute status: 1" = GGML_STATUS_ABORTED, "failed to decode,
-    ret = 2" = aborted) are not shown in the middle of the chat."""
-    msg = record.getMessage()
-    return not ("failed to compute graph, compute status: 1" in msg or "failed to decode, ret = 2" in msg)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import logging
@@ -353,10 +348,10 @@ def main(argv=None) -> int:
     from alpaca2.errors import Alpaca2Error
     if not getattr(args, "verbose", False):
         alpaca2.set_log_level(logging.ERROR)    # llama.cpp's warnings about the file are not for users
-    logging.getLogger("alpaca2.llama").addFilter(_not_an_abort)
     try:
         if getattr(args, "model", None) and not os.path.exists(args.model) and (
-                args.model.endswith(".gguf") and args.model.count("/") != 2 or os.sep in args.model[:1]):
+                args.model.endswith(".gguf") and args.model.count("/") != 2
+                or args.model.startswith((".", "/", "~")) or os.path.isdir(args.model.split("/", 1)[0])):
             print(f"alpaca2: model file not found: {args.model}", file=sys.stderr)
             return EXIT_ERROR
         return args.func(args)

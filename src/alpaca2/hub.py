@@ -45,6 +45,8 @@ def resolve_model(spec: str) -> str:
     """A local path for spec: the path itself, or the file fetched (or found cached) from the hub."""
     if os.path.exists(spec) or spec.endswith(".gguf") and spec.count("/") != 2:
         return spec
+    if spec.startswith((".", "/", "~")) or os.path.isdir(spec.split("/", 1)[0]):
+        return spec          # a local path that does not exist: Model() says so
     repo, filename = parse_spec(spec)
     try:
         from huggingface_hub import hf_hub_download

@@ -31,7 +31,7 @@ def test_cuda_build_without_gpu_falls_back_to_cpu_with_one_log_line(tiny_path):
     if not _cuda_compiled():
         pytest.skip("CPU-only build")
     info = alpaca2.system_info()
-    assert "CUDA" not in info["backends_loaded"]
+    # the CUDA module may load (libcudart is found) but it has no device without a driver
     assert not any(d["type"] == "gpu" for d in info["devices"])
     assert info["gpu_offload"] is False
     r = run_python(f"""

@@ -83,7 +83,8 @@ def system_info():
 
 
 def _note_gpu_fallback():
-    if _build_info.CUDA and "CUDA" not in backends():
+    # without a driver the CUDA module either fails to load or registers with no device
+    if _build_info.CUDA and not any(d["type"] == "gpu" for d in devices()):
         import logging
         logging.getLogger("alpaca2").warning(
             "alpaca2 was built with CUDA, but no CUDA device or driver is usable here: running on the CPU")

@@ -7,7 +7,7 @@
 Per round, each runner is one subprocess (A B C, A B C, ...), so the machine's noise falls on all
 of them alike.  Runners:
   llama-bench      built from the same vendored llama.cpp with the same flags
-                   (ALPACA2_BUILD_TOOLS=1 pip install . puts it in alpaca2/bin; or --llama-bench PATH)
+                   (ALPACA2_BUILD_TOOLS=1 pip install . puts it next to libllama; or --llama-bench PATH)
   alpaca2          `alpaca2 bench` (decode loop + sampler chain through the Python API)
   llama-cpp-python its high-level Llama API (eval for pp/tg, create_completion for gen), from
                    --lcp-python PYTHON (a venv with llama-cpp-python==0.3.36 built from source)
@@ -80,7 +80,7 @@ def git_commit():
 def find_llama_bench(explicit):
     if explicit:
         return explicit
-    cand = os.path.join(alpaca2.get_lib_dir(), "bin", "llama-bench")
+    cand = os.path.join(alpaca2.get_lib_dir(), "llama-bench")
     return cand if os.path.exists(cand) else None
 
 

@@ -47,8 +47,13 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
 
 
+DEMO_N_PREDICT = 128   # the 270M base model wanders off after a paragraph
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, n_predict=512) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=n_predict, help=f"max tokens per answer ({n_predict})")
+    p.add_argument("-n", "--n-predict", type=int, default=None,
+                   help=f"max tokens per answer (default {n_predict}; {DEMO_N_PREDICT} with --demo)")
+    p.set_defaults(default_n_predict=n_predict)
     p.add_argument("--temp", type=float, default=0.5)
     p.add_argument("--top-k", "--top_k", type=int, default=40)
     p.add_argument("--top-p", "--top_p", type=float, default=0.9)
@@ -343,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "default_n_predict") and args.n_predict is None:
+        args.n_predict = DEMO_N_PREDICT if args.demo else args.default_n_predict
     import logging
     import alpaca2
     from alpaca2.errors import Alpaca2Error

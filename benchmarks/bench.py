@@ -142,17 +142,17 @@ def plot(rows, png, title):
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
-    labels = [f"{r['model']}\n{r['test']}" for r in rows]
+    labels = [f"{r['model'].replace('.gguf', '')[:22]}\n{r['test']}" for r in rows]
     runners = [k for k in ("llama-bench", "alpaca2", "llama-cpp-python") if any(k in r["runners"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5))
     width = 0.8 / len(runners)
     for i, name in enumerate(runners):
-        vals = [r["runners"].get(name, {}).get("mean", 0) for r in rows]
+        vals = [r["runners"].get(name, {}).get("median", 0) for r in rows]
         errs = [r["runners"].get(name, {}).get("stddev", 0) for r in rows]
         ax.bar([x + i * width for x in range(len(rows))], vals, width, yerr=errs, label=name, capsize=3)
     ax.set_xticks([x + width * (len(runners) - 1) / 2 for x in range(len(rows))])
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("tokens / second")
+    ax.set_ylabel("tokens / second (median; bars: stddev)")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
@@ -204,16 +204,20 @@ def main(argv=None):
                     samples["llama-cpp-python"].append(run_lcp(args.lcp_python, path, test, n, args, r))
                 print(f"{os.path.basename(path)} {test}{n} round {r + 1}: "
                       + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items() if v), file=sys.stderr)
-            runners = {k: {"mean": statistics.fmean(v), "stddev": statistics.stdev(v) if len(v) > 1 else 0.0,
-                           "samples": v} for k, v in samples.items() if v}
+            # medians: one slow round (a cold page cache, a noisy neighbour) does not move them
+            runners = {k: {"median": statistics.median(v), "mean": statistics.fmean(v),
+                           "stddev": statistics.stdev(v) if len(v) > 1 else 0.0, "samples": v}
+                       for k, v in samples.items() if v}
             row = {"model": os.path.basename(path), "test": f"{test}{n}", "runners": runners}
-            a = runners["alpaca2"]["mean"]
+            a = runners["alpaca2"]["median"]
             if "llama-bench" in runners:
-                row["alpaca2/llama-bench"] = a / runners["llama-bench"]["mean"]
-                row["overhead_us_per_token_vs_native"] = (1 / a - 1 / runners["llama-bench"]["mean"]) * 1e6
+                nat = runners["llama-bench"]["median"]
+                row["alpaca2/llama-bench"] = a / nat
+                row["us_per_token_alpaca2_minus_native"] = (1 / a - 1 / nat) * 1e6
             if "llama-cpp-python" in runners:
-                row["alpaca2/llama-cpp-python"] = a / runners["llama-cpp-python"]["mean"]
-                row["overhead_us_per_token_lcp_vs_alpaca2"] = (1 / runners["llama-cpp-python"]["mean"] - 1 / a) * 1e6
+                lcp = runners["llama-cpp-python"]["median"]
+                row["alpaca2/llama-cpp-python"] = a / lcp
+                row["us_per_token_lcp_minus_alpaca2"] = (1 / lcp - 1 / a) * 1e6
             rows.append(row)
 
     date = datetime.date.today().isoformat()
@@ -229,26 +233,32 @@ def main(argv=None):
     lines = [f"# alpaca2 vs llama-bench vs llama-cpp-python ({backend.upper()})", "",
              f"- command: `{meta['command']}`", f"- commit: {meta['commit']} (llama.cpp {meta['llama_cpp_commit']})",
              f"- machine: {meta['machine']}", f"- date: {date}; {args.rounds} interleaved rounds, {args.threads} threads", "",
+             "t/s: median (mean ± stddev) of the rounds; ratios and µs/token from the medians "
+             "(µs/token: alpaca2's time per token minus native's, and llama-cpp-python's minus alpaca2's).", "",
              "| model | test | llama-bench t/s | alpaca2 t/s | llama-cpp-python t/s | alpaca2 / llama-bench | "
-             "alpaca2 / llama-cpp-python | alpaca2 overhead µs/token |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "alpaca2 / llama-cpp-python | µs/token alpaca2 − native | µs/token lcp − alpaca2 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(r, k):
         v = r["runners"].get(k)
-        return f"{v['mean']:.2f} ± {v['stddev']:.2f}" if v else "–"
+        return f"{v['median']:.2f} ({v['mean']:.2f} ± {v['stddev']:.2f})" if v else "–"
+
+    def num(r, k, fmt):
+        return format(r[k], fmt) if k in r else "–"
     for r in rows:
         lines.append(f"| {r['model']} | {r['test']} | {cell(r, 'llama-bench')} | {cell(r, 'alpaca2')} | "
-                     f"{cell(r, 'llama-cpp-python')} | {r.get('alpaca2/llama-bench', float('nan')):.3f} | "
-                     f"{r.get('alpaca2/llama-cpp-python', float('nan')):.3f} | "
-                     f"{r.get('overhead_us_per_token_vs_native', float('nan')):.1f} |")
+                     f"{cell(r, 'llama-cpp-python')} | {num(r, 'alpaca2/llama-bench', '.3f')} | "
+                     f"{num(r, 'alpaca2/llama-cpp-python', '.3f')} | "
+                     f"{num(r, 'us_per_token_alpaca2_minus_native', '.1f')} | "
+                     f"{num(r, 'us_per_token_lcp_minus_alpaca2', '.1f')} |")
     table = "\n".join(lines) + "\n"
     with open(out + ".md", "w") as f:
         f.write(table)
     with open(out + ".csv", "w") as f:
-        f.write("model,test,runner,mean,stddev\n")
+        f.write("model,test,runner,median,mean,stddev\n")
         for r in rows:
             for k, v in r["runners"].items():
-                f.write(f"{r['model']},{r['test']},{k},{v['mean']:.3f},{v['stddev']:.3f}\n")
+                f.write(f"{r['model']},{r['test']},{k},{v['median']:.3f},{v['mean']:.3f},{v['stddev']:.3f}\n")
     plot(rows, out + ".png", f"{meta['machine']} — {date}")
     print(table)
     return 0

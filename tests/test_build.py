@@ -64,6 +64,20 @@ def test_fetch_rejects_a_corrupt_cached_archive_and_does_not_extract(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not (ROOT / "CMakeLists.txt").exists(), reason="needs the source tree")
+def test_a_wrong_llama_cpp_dir_is_a_clear_configure_error(tmp_path):
+    cmake = subprocess.run([sys.executable, "-c", "import cmake, sys; print(cmake.CMAKE_BIN_DIR)"],
+                           capture_output=True, text=True)
+    exe = os.path.join(cmake.stdout.strip(), "cmake") if cmake.returncode == 0 else "cmake"
+    env = dict(os.environ, ALPACA2_LLAMA_CPP_DIR=str(tmp_path / "not-llama"))
+    (tmp_path / "not-llama").mkdir()
+    r = subprocess.run([exe, "-S", str(ROOT), "-B", str(tmp_path / "build")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode != 0
+    msg = " ".join(r.stderr.split())          # CMake wraps long messages
+    assert "is not a llama.cpp tree" in msg and "ALPACA2_LLAMA_CPP_DIR" in msg
+
+
 def test_system_info_reports_the_cpu_backend():
     info = alpaca2.system_info()
     assert "CPU" in info["backends_compiled"] and "CPU" in info["backends_loaded"]

@@ -150,6 +150,38 @@ def test_logits_are_a_view_without_copy(ctx, model):
     assert a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
+def test_embeddings_mean_pooled_and_per_token(tiny, model):
+    _, w = tiny
+    ids = model.tokenize(PROMPT)
+    hidden = testing.reference_hidden(w, ids)
+    with new_ctx(model, embeddings=True, pooling="mean") as c:
+        c.decode(ids)
+        e = c.embeddings
+        assert e.shape == (model.n_embd,) and e.dtype == np.float32
+        assert rel_err(e, hidden.mean(axis=0)) < 1e-3
+    with new_ctx(model, embeddings=True, pooling="none") as c:
+        c.decode(ids)
+        assert rel_err(c.embeddings, hidden[-1]) < 1e-3
+    with new_ctx(model) as c:
+        c.decode(ids)
+        with pytest.raises(ValueError, match="embeddings=True"):
+            _ = c.embeddings
+
+
+def test_llama_cpp_log_goes_to_python_logging(tiny_path, caplog):
+    import logging
+    with caplog.at_level(logging.DEBUG, logger="alpaca2.llama"):
+        alpaca2.Model(tiny_path).close()                      # default: nothing below WARNING
+        assert not [r for r in caplog.records if r.name == "alpaca2.llama" and r.levelno < logging.WARNING]
+        try:
+            alpaca2.Model(tiny_path, verbose=True).close()    # verbose: llama.cpp's INFO lines
+        finally:
+            alpaca2.set_log_level(logging.WARNING)
+        infos = [r.getMessage() for r in caplog.records if r.name == "alpaca2.llama" and r.levelno == logging.INFO]
+        assert any("llama_model_loader" in m or "print_info" in m for m in infos), infos[:5]
+        assert all("\n" not in m for m in infos)                # whole lines, one record each
+
+
 def test_greedy_sample_is_argmax(ctx, model):
     ctx.decode(model.tokenize(PROMPT))
     assert alpaca2.Sampler(temp=0).sample(ctx) == int(np.argmax(ctx.logits))

@@ -219,6 +219,11 @@ def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_si
 
 def reference_logits(w: Weights, tokens) -> np.ndarray:
     """float64 forward pass of llama.cpp's llama graph: logits for every position, (n, n_vocab)."""
+    return reference_hidden(w, tokens) @ w.tensors["output.weight"].astype(np.float64).T
+
+
+def reference_hidden(w: Weights, tokens) -> np.ndarray:
+    """The final normalized hidden states (what llama.cpp's embeddings are made of), (n, n_embd)."""
     t = {k: v.astype(np.float64) for k, v in w.tensors.items()}
     tokens = np.asarray(tokens)
     n = len(tokens)
@@ -261,4 +266,4 @@ def reference_logits(w: Weights, tokens) -> np.ndarray:
         g = h @ t[p + "ffn_gate.weight"].T
         u = h @ t[p + "ffn_up.weight"].T
         x = x + ((g / (1.0 + np.exp(-g))) * u) @ t[p + "ffn_down.weight"].T
-    return rmsnorm(x, t["output_norm.weight"]) @ t["output.weight"].T
+    return rmsnorm(x, t["output_norm.weight"])

@@ -60,11 +60,18 @@ cdef unsigned long _main_thread_ident = threading.main_thread().ident
 log = logging.getLogger("alpaca2.llama")
 
 
+_EXPECTED_MESSAGES = (
+    # an aborted decode (abort(), Ctrl+C) becomes an exception; llama.cpp's ERROR lines about it go
+    "failed to compute graph, compute status: 1", "failed to decode, ret = 2",
+    # Context(swa_full=True) is alpaca2's choice (KV reuse needs it), not a problem to warn about
+    "using full-size SWA cache",
+)
+
+
 def _not_an_abort(record):
-    """An aborted decode (abort(), Ctrl+C) becomes an exception; llama.cpp's own ERROR lines about
-    it ("failed to compute graph, compute status: 1", "failed to decode, ret = 2") are dropped."""
+    """Drop llama.cpp's messages about what alpaca2 did on purpose (see _EXPECTED_MESSAGES)."""
     msg = record.getMessage()
-    return not ("failed to compute graph, compute status: 1" in msg or "failed to decode, ret = 2" in msg)
+    return not any(m in msg for m in _EXPECTED_MESSAGES)
 
 
 log.addFilter(_not_an_abort)

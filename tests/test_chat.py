@@ -113,6 +113,13 @@ def test_text_stream_holds_back_split_characters():
     assert shown[0] == "" and shown[2] == "床"
 
 
+def test_text_stream_drops_a_character_cut_by_the_end_of_generation():
+    s = TextStream()
+    data = "床前明月".encode()
+    out = s.push(data[:7])            # "床前" and the first byte of "明"
+    assert out + s.finish() == "床前" and "\ufffd" not in s.text
+
+
 def test_text_stream_stop_strings_across_pieces_never_leak():
     s = TextStream(stop=["</answer>", "###"])
     out = [s.push(p.encode()) for p in ["Hello", " wor", "ld</an", "swer> more"]]

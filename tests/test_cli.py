@@ -32,10 +32,10 @@ ENV = dict(os.environ, TERM="dumb", COLUMNS="200", LINES="50", LANG="C.UTF-8", L
            PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1")
 ENV.pop("PYTHONSTARTUP", None)
 
-# The prompt "> " in bold green (stdout is a tty), or a bare "> " at the start of a line.  Model
-# output may well contain "> " somewhere, so a bare match anywhere is not enough.
+# The prompt: "> " in bold green, exactly as the command prints it on a terminal (always, under
+# pexpect).  A random test model may well print "\n> " itself, so nothing looser will do.
 ESC = r"(?:\x1b\[[0-9;]*m)"
-PROMPT = re.compile(rf"{ESC}+> {ESC}*|(?:\A|\n)> ")
+PROMPT = re.compile(re.escape("\x1b[1;32m> \x1b[0m"))
 SUMMARY = re.compile(r"alpaca2: (\S+\.gguf) \(.*\) \| .* \| n_ctx \d+ \| template (\w+)")
 # One thread: ggml's threads spin at barriers, so on a busy 2-core machine "-t 2" can be 10x
 # slower than "-t 1" (seen: 30 s against 1.8 s for the demo); one thread keeps the runtime steady.

@@ -224,9 +224,12 @@ class TextStream:
         return self._release(self._pending + new, final=False)
 
     def finish(self) -> str:
+        """The rest of the text.  A character cut off by the end of generation (max_tokens hit
+        inside a multi-byte character) is dropped, never shown as U+FFFD."""
         if self.stopped:
             return ""
-        return self._release(self._pending + self._decoder.decode(b"", final=True), final=True)
+        self._decoder.reset()
+        return self._release(self._pending, final=True)
 
     def _release(self, buf: str, final: bool) -> str:
         cut = -1

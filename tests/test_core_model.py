@@ -453,6 +453,8 @@ def test_abort_from_another_thread_stops_a_long_decode(small_path):
 def test_ctrl_c_interrupts_a_long_decode(small_path):
     code = f"""
 import os, signal, threading, time, alpaca2
+# a shell that starts jobs in the background (CI, nohup) hands them SIGINT ignored: undo that here
+signal.signal(signal.SIGINT, signal.default_int_handler)
 m = alpaca2.Model({small_path!r})
 c = alpaca2.Context(m, n_ctx=4096, n_batch=512, n_threads=1)
 ids = [5 + (i % 700) for i in range(4000)]

@@ -160,6 +160,10 @@ def cmd_chat(args) -> int:
         return EXIT_OK
 
     colors = _Colors(out.isatty())
+    # Ctrl+C must stop an answer even when this process was started with SIGINT ignored (a
+    # background job of a non-interactive shell): at a terminal the user is the one pressing it.
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

@@ -12,8 +12,8 @@ import os as _os
 
 from alpaca2 import _build_info
 from alpaca2._core import (
-    Batch, Context, Model, Sampler, SamplerChain,
-    backends, chat_apply_template, chat_builtin_templates, default_threads, devices,
+    Batch, Context, Model, Sampler, SamplerChain, Speculator,
+    backends, check_draft_compatible, chat_apply_template, chat_builtin_templates, default_threads, devices,
     llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload,
 )
 from alpaca2.chat import (
@@ -22,7 +22,7 @@ from alpaca2.chat import (
 )
 from alpaca2.errors import (
     Alpaca2Error, ClosedError, ContextFullError, DecodeAborted, DecodeError, GrammarError,
-    ModelLoadError, SamplerError, StateError, TokenizeError,
+    ModelLoadError, SamplerError, StateError, TokenizeError, VocabMismatchError,
 )
 
 __version__ = "0.1.0"

@@ -40,9 +40,11 @@ cdef class Context:
     cdef object _lock                 # one decode at a time per context
     cdef object _all_logits           # (n, n_vocab) float32 when decode(logits="all") spanned batches
     cdef int _n_outputs               # outputs of the last decode
+    cdef bytes _out_flags             # per batch position of the last decode: has logits (None: all)
     cdef object __weakref__
 
     cdef int _check(self) except -1
+    cdef int _check_out(self, int idx) except -1
     cdef int _decode_tokens(self, const llama_token * tokens, int n, int seq_id, bint all_logits) except -1
 
 

@@ -19,6 +19,7 @@ from alpaca2._c.llama cimport *
 import logging
 import math
 import os
+import random
 import threading
 import weakref
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from alpaca2.errors import (
     Alpaca2Error, ModelLoadError, ContextFullError, DecodeError, DecodeAborted, ClosedError,
-    TokenizeError, StateError, GrammarError, SamplerError,
+    TokenizeError, StateError, GrammarError, SamplerError, VocabMismatchError,
 )
 
 cnp.import_array()
@@ -295,6 +296,10 @@ def _check_gguf_file(path):
                              "convert it with llama.cpp's convert_hf_to_gguf.py")
     if len(head) < 24:
         raise ModelLoadError(f"{path} is a truncated GGUF file ({len(head)} bytes)")
+    # the structural pre-check (alpaca2._gguf_check): counts, lengths, types and tensor bounds
+    # against the file size, so that a hostile file never reaches llama.cpp's parser
+    from alpaca2._gguf_check import validate
+    validate(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -807,6 +812,20 @@ cdef class Context:
             _raise_closed("Context")
         return 0
 
+    cdef int _check_out(self, int idx) except -1:
+        """idx names a position of the last batch that has logits (negative: outputs from the end)."""
+        if self._n_outputs == 0:
+            raise ValueError("no logits to sample from: decode tokens first")
+        if idx < 0:
+            if idx < -self._n_outputs:
+                raise IndexError(f"output {idx} out of range ({self._n_outputs} outputs)")
+        elif self._out_flags is None:
+            if idx >= self._n_outputs:
+                raise IndexError(f"batch position {idx} out of range ({self._n_outputs} outputs)")
+        elif idx >= len(self._out_flags) or not self._out_flags[idx]:
+            raise IndexError(f"batch position {idx} has no logits (add it with logits=True)")
+        return 0
+
     def close(self):
         """Free the context.  Safe to call twice; waits for a decode running in another thread."""
         if self.ptr == NULL:
@@ -972,6 +991,8 @@ cdef class Context:
                 raise ContextFullError("no KV-cache slot for the batch (the context is full or fragmented)")
             raise DecodeError(f"llama_decode failed with code {rc}")
         self._n_outputs = n if all_logits else 1
+        # the batch positions that have outputs, for sample(ctx, idx) (llama.cpp's batch index)
+        self._out_flags = None if all_logits else b"\x00" * ((n - 1) % n_batch) + b"\x01"
         if many:
             self._all_logits = all_out
         return 0
@@ -1016,6 +1037,7 @@ cdef class Context:
                 raise DecodeError(f"llama_decode failed with code {rc}")
             self._all_logits = None
             self._n_outputs = n_out
+            self._out_flags = PyBytes_FromStringAndSize(<char *>batch.batch.logits, n)
 
     def synchronize(self):
         """Wait for queued work (a GPU backend computes asynchronously) to finish."""
@@ -1052,8 +1074,8 @@ cdef class Context:
             raise IndexError(f"output {i} out of range ({self._n_outputs} outputs)")
         if self._all_logits is not None:
             return self._all_logits[i]
-        if i < 0:
-            i += self._n_outputs
+        if i >= 0:
+            i -= self._n_outputs     # negative indices count outputs (not batch positions) in llama.cpp
         cdef float * p = llama_get_logits_ith(self.ptr, i)
         if p == NULL:
             raise IndexError(f"no logits for output {i}")
@@ -1144,6 +1166,7 @@ cdef class Context:
             if n == 0:
                 raise StateError("the state does not fit this context (another model or n_ctx?)")
             self._n_outputs = 1
+            self._out_flags = None
             self._all_logits = None
 
     def save_state_file(self, path, tokens=()):
@@ -1184,6 +1207,7 @@ cdef class Context:
             if not ok:
                 raise StateError(f"could not load the state from {path} (another model or n_ctx, or a damaged file)")
             self._n_outputs = 1
+            self._out_flags = None
             self._all_logits = None
         return out[:n_out].tolist()
 
@@ -1262,10 +1286,7 @@ cdef class SamplerChain:
         """Sample a token from ctx's logits at output idx and accept it into the chain's history."""
         self._check()
         ctx._check()
-        if ctx._n_outputs == 0:
-            raise ValueError("no logits to sample from: decode tokens first")
-        if idx < -ctx._n_outputs or idx >= ctx._n_outputs:
-            raise IndexError(f"output {idx} out of range ({ctx._n_outputs} outputs)")
+        ctx._check_out(idx)
         cdef llama_token tok
         cdef int c_idx = idx
         if ctx._all_logits is not None:
@@ -1624,3 +1645,8 @@ def chat_apply_template(str tmpl, messages, bint add_assistant=True):
         return bytes(buf[:need]).decode("utf-8", "replace")
     finally:
         free(c_msgs)
+
+
+# ------------------------------------------------------------------------------------------------
+
+include "_speculative.pxi"

@@ -45,6 +45,24 @@ def _add_context_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU (default: all)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    d = p.add_argument_group("speculative decoding")
+    d.add_argument("-md", "--draft", "--model-draft", dest="draft", default=None, metavar="MODEL",
+                   help="draft model (same vocabulary, e.g. Chinese-Alpaca-2-1.3B for the 7B/13B)")
+    d.add_argument("--lookup", action="store_true", help="draft by n-gram lookup in the prompt and answer")
+    d.add_argument("--n-draft", "--draft-max", dest="n_draft", type=int, default=16,
+                   help="most tokens drafted per step (default 16; adapts to the acceptance rate)")
+    d.add_argument("--draft-p-min", type=float, default=0.75,
+                   help="a draft model stops drafting below this probability (default 0.75)")
+
+
+def _spec_line(stats) -> str:
+    """The speculative-decoding figures of one call, for --verbose."""
+    sp = stats.get("speculative")
+    if not sp:
+        return ""
+    return (f" [speculative: {sp['n_accepted']}/{sp['n_drafted']} drafted tokens accepted "
+            f"({100 * sp['acceptance_rate']:.0f}%), {sp['n_steps']} steps, "
+            f"{sp['tokens_per_step']:.2f} tokens/step]")
 
 
 DEMO_N_PREDICT = 128   # the 270M base model wanders off after a paragraph
@@ -98,8 +116,15 @@ def _progress_for(path):
 def _open_llm(args, template="auto"):
     from alpaca2.chat import Llama
     path = _model_path(args)
+    draft = getattr(args, "draft", None)
+    if draft is not None and getattr(args, "lookup", False):
+        raise ValueError("use --draft or --lookup, not both")
+    if draft is not None:
+        draft = _model_path(argparse.Namespace(model=draft, demo=False))
     llm = Llama(path, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                template=template, seed=args.seed, verbose=args.verbose, progress=_progress_for(path))
+                template=template, seed=args.seed, verbose=args.verbose, progress=_progress_for(path),
+                draft_model=draft, lookup=getattr(args, "lookup", False), n_draft=getattr(args, "n_draft", 16),
+                draft_p_min=getattr(args, "draft_p_min", 0.75))
     return llm
 
 
@@ -210,7 +235,8 @@ def cmd_chat(args) -> int:
         if args.verbose:
             s = session.last_stats
             print(f"{colors.info}[prompt {s['prompt_tokens_decoded']}/{s['prompt_tokens']} tokens decoded, "
-                  f"{s['completion_tokens']} generated, {s['tokens_per_second']:.1f} tok/s]{colors.reset}",
+                  f"{s['completion_tokens']} generated, {s['tokens_per_second']:.1f} tok/s]"
+                  f"{_spec_line(s)}{colors.reset}",
                   file=sys.stderr)
     llm.close()
     return EXIT_OK
@@ -239,7 +265,8 @@ def cmd_generate(args) -> int:
     if args.verbose or args.stats:
         s = llm.last_stats
         print(f"[prompt: {s['prompt_tokens']} tokens in {s['prompt_ms']:.0f} ms, generated: "
-              f"{s['completion_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s]", file=sys.stderr)
+              f"{s['completion_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s]{_spec_line(s)}",
+              file=sys.stderr)
     llm.close()
     return EXIT_OK
 

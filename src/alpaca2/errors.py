@@ -43,5 +43,9 @@ class SamplerError(Alpaca2Error, RuntimeError):
 
 __all__ = [
     "Alpaca2Error", "ModelLoadError", "ContextFullError", "DecodeError", "DecodeAborted",
-    "ClosedError", "TokenizeError", "StateError", "GrammarError", "SamplerError",
+    "ClosedError", "TokenizeError", "StateError", "GrammarError", "SamplerError", "VocabMismatchError",
 ]
+
+
+class VocabMismatchError(Alpaca2Error, ValueError):
+    """A draft model whose vocabulary is not the target model's (speculative decoding)."""

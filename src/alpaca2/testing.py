@@ -154,13 +154,50 @@ def random_weights(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, seed=0, ro
     return Weights(n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab, rope_base, eps, t)
 
 
+def _lazy_tensors(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, seed, dtype):
+    """(name, shape, dtype, make) per tensor, each made on demand from its own seeded generator:
+    what random_weights() holds in memory at once, one tensor at a time (7B/13B shapes)."""
+    hd = n_embd // n_head
+
+    def mat(i, out, inp, scale=1.0):
+        def make():
+            rng = np.random.default_rng([seed, i])
+            return (rng.standard_normal((out, inp), dtype=np.float32) * np.float32(scale / np.sqrt(inp))).astype(dtype)
+        return (out, inp), np.dtype(dtype), make
+
+    def norm(i, n):
+        def make():
+            rng = np.random.default_rng([seed, i])
+            return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+        return (n,), np.dtype(np.float32), make
+
+    specs = [("token_embd.weight",) + mat(0, n_vocab, n_embd, np.sqrt(n_embd)),
+             ("output_norm.weight",) + norm(1, n_embd),
+             ("output.weight",) + mat(2, n_vocab, n_embd, 2.0)]
+    k = 3
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        for tname, spec in (("attn_norm", ("norm", n_embd)), ("attn_q", (n_head * hd, n_embd, 2.0)),
+                            ("attn_k", (n_head_kv * hd, n_embd, 2.0)), ("attn_v", (n_head_kv * hd, n_embd)),
+                            ("attn_output", (n_embd, n_head * hd)), ("ffn_norm", ("norm", n_embd)),
+                            ("ffn_gate", (n_ff, n_embd)), ("ffn_up", (n_ff, n_embd)),
+                            ("ffn_down", (n_embd, n_ff))):
+            made = norm(k, spec[1]) if spec[0] == "norm" else mat(k, *spec)
+            specs.append((p + tname + ".weight",) + made)
+            k += 1
+    return specs
+
+
 def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_size=800,
-               name="tiny-llama", chat_template=None, n_layer=None, return_weights=False):
+               name="tiny-llama", chat_template=None, n_layer=None, return_weights=False,
+               lazy=None):
     """Write a llama-architecture GGUF model at path and return the path (and the Weights).
 
     ``shape``: a key of SHAPES or a dict with n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx_train.
     ``tokenizer``: a SentencePiece .model file; default: train one with vocab_size pieces next to
     the model.  ``ftype``: "f32" or "f16" (quantize further with alpaca2.quantize).
+    ``lazy``: make and write one tensor at a time (other random values, same statistics), so a
+    7B/13B shape needs memory for its largest tensor only; default: when it has over 1e9 weights.
     """
     gguf = _require("gguf")
     path = Path(path)
@@ -178,7 +215,16 @@ def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_si
     if ftype not in ("f32", "f16"):
         raise ValueError("ftype must be 'f32' or 'f16'; quantize with alpaca2.quantize")
     mat_dtype = np.float16 if ftype == "f16" else np.float32
-    w = random_weights(len(pieces), n_embd, n_lay, n_head, n_head_kv, n_ff, seed=seed, dtype=mat_dtype)
+    n_weights = n_lay * (2 * n_embd * n_embd + 3 * n_embd * n_ff) + 2 * len(pieces) * n_embd
+    if lazy is None:
+        lazy = n_weights > 1e9 and not return_weights
+    if lazy and return_weights:
+        raise ValueError("return_weights needs the weights in memory (lazy=False)")
+    if lazy:
+        specs = _lazy_tensors(len(pieces), n_embd, n_lay, n_head, n_head_kv, n_ff, seed, mat_dtype)
+        w = Weights(n_embd, n_lay, n_head, n_head_kv, n_ff, len(pieces), 10000.0, 1e-5, {})
+    else:
+        w = random_weights(len(pieces), n_embd, n_lay, n_head, n_head_kv, n_ff, seed=seed, dtype=mat_dtype)
 
     tmp = path.with_name(path.name + ".part")
     writer = gguf.GGUFWriter(str(tmp), "llama")
@@ -204,11 +250,20 @@ def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_si
     writer.add_add_eos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
-    for tname, arr in w.tensors.items():
-        writer.add_tensor(tname, arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    if lazy:
+        for tname, tshape, tdtype, _ in specs:
+            writer.add_tensor_info(tname, tshape, tdtype, int(np.prod(tshape)) * tdtype.itemsize)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, _, _, make in specs:
+            writer.write_tensor_data(make())
+    else:
+        for tname, arr in w.tensors.items():
+            writer.add_tensor(tname, arr)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
     writer.close()
     os.replace(tmp, path)
     if return_weights:

@@ -5,6 +5,7 @@
     alpaca2 generate -m MODEL -p "床前明月光，"      continue text (base models), streamed
     alpaca2 info [-m MODEL]                        build, devices, and the model's metadata (JSON)
     alpaca2 tokenize -m MODEL TEXT                 token ids and pieces
+    alpaca2 serve -m MODEL [--port 8000]           OpenAI-compatible HTTP server (/v1/chat/completions ...)
 
 Sampling defaults are chat.sh's: -c 4096 --temp 0.5 --top-k 40 --top-p 0.9 --repeat-penalty 1.1.
 In chat: /reset, /system TEXT, /save FILE, /exit; Ctrl+C stops an answer, Ctrl+C at the
@@ -323,6 +324,11 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from alpaca2 import server
+    return server.serve(args, _model_path(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alpaca2", description="Chinese-LLaMA-2 / Chinese-Alpaca-2 on llama.cpp")
     sub = p.add_subparsers(dest="command", required=True)
@@ -374,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--special", action="store_true", help="parse special-token text such as </s>")
     t.add_argument("--ids", action="store_true", help="print the ids as one list")
     t.set_defaults(func=cmd_tokenize)
+
+    from alpaca2 import server
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server; many clients share the model",
+                       description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
+                       "/health and /metrics (pip install 'alpaca2-llama[server]').")
+    _add_model_args(s)
+    server.add_arguments(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -37,8 +37,9 @@ import json, math, sys, time
 import numpy as np
 from llama_cpp import Llama
 path, test, n, threads, n_batch, ngl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+fa = {"auto": {}, "1": {"flash_attn": True}, "0": {"flash_attn": False}}[sys.argv[8]]
 llm = Llama(path, n_ctx=max(n + 160, 256), n_batch=n_batch, n_threads=threads, n_threads_batch=threads,
-            n_gpu_layers=ngl, verbose=False, seed=seed)
+            n_gpu_layers=ngl, verbose=False, seed=seed, **fa)
 rng = np.random.default_rng(seed)
 vocab = llm.n_vocab()
 def toks(k):
@@ -86,7 +87,8 @@ def find_llama_bench(explicit):
 
 def run_llama_bench(exe, path, test, n, args):
     cmd = [exe, "-m", path, "-r", "1", "-t", str(args.threads), "-b", str(args.batch_size), "-ngl", str(args.ngl),
-           "-o", "json", "-p", str(n if test == "pp" else 0), "-n", str(n if test == "tg" else 0)]
+           "-fa", {"auto": "auto", "1": "on", "0": "off"}[args.flash_attn], "-o", "json",
+           "-p", str(n if test == "pp" else 0), "-n", str(n if test == "tg" else 0)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     return rows[0]["avg_ts"]
@@ -94,7 +96,7 @@ def run_llama_bench(exe, path, test, n, args):
 
 def run_alpaca2(path, test, n, args, seed):
     cmd = [sys.executable, "-m", "alpaca2", "bench", "-m", path, "-r", "1", "-t", str(args.threads),
-           "-b", str(args.batch_size), "-ngl", str(args.ngl), "-o", "json",
+           "-b", str(args.batch_size), "-ngl", str(args.ngl), "-fa", args.flash_attn, "-o", "json",
            "-p", str(n if test == "pp" else 0), "-n", str(n if test == "tg" else 0), "-g", str(n if test == "gen" else 0)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out)[0]["mean"]
@@ -105,7 +107,8 @@ def run_lcp(python, path, test, n, args, seed):
         f.write(LCP_SCRIPT)
     try:
         out = subprocess.run([python, f.name, path, test, str(n), str(args.threads), str(args.batch_size),
-                              str(args.ngl), str(seed)], capture_output=True, text=True, check=True).stdout
+                              str(args.ngl), str(seed), args.flash_attn], capture_output=True, text=True,
+                             check=True).stdout
     finally:
         os.unlink(f.name)
     return n / json.loads(out.strip().splitlines()[-1])["seconds"]
@@ -173,6 +176,8 @@ def main(argv=None):
     p.add_argument("-t", "--threads", type=int, default=alpaca2.default_threads())
     p.add_argument("-b", "--batch-size", type=int, default=2048)
     p.add_argument("-ngl", type=int, default=99)
+    p.add_argument("-fa", "--flash-attn", choices=["auto", "0", "1"], default="auto",
+                   help="flash attention for all three runners (default auto)")
     p.add_argument("--llama-bench", default=None)
     p.add_argument("--lcp-python", default=None, help="python with llama-cpp-python installed")
     p.add_argument("--out", default=None, help="results path prefix (default benchmarks/results/<date>-cpu)")

@@ -67,7 +67,7 @@ def cmd_lookup(args, argv):
     for n_draft in args.n_draft:
         spec = alpaca2.Llama(plain.model, lookup=True, n_draft=n_draft, **common)
         for i, prompt in enumerate(COPY_PROMPTS):
-            t_plain, t_spec, acc, common = [], [], [], []
+            t_plain, t_spec, acc, shared = [], [], [], []
             for _ in range(args.rounds):
                 for which, llm, times in (("plain", plain, t_plain), ("lookup", spec, t_spec)):
                     llm.reset()
@@ -79,11 +79,11 @@ def cmd_lookup(args, argv):
                     else:
                         got = s["tokens"]
                         same = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
-                        common.append(f"{same}/{len(want)}")
+                        shared.append(f"{same}/{len(want)}")
                         acc.append(s["speculative"])
             sp = acc[-1]
             rows.append((n_draft, i, statistics.median(t_plain), statistics.median(t_spec),
-                         sp["acceptance_rate"], sp["tokens_per_step"], common[-1]))
+                         sp["acceptance_rate"], sp["tokens_per_step"], shared[-1]))
         spec.close()
     plain.close()
     out = header("Prompt-lookup decoding vs plain decoding (greedy, identical output)", argv)

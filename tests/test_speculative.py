@@ -243,6 +243,16 @@ def test_speculator_bad_arguments(target):
                    alpaca2.Sampler(temp=0.8, repeat_penalty=1.2))
     with pytest.raises(ValueError, match="not both"):
         alpaca2.Llama(target, draft_model=target, lookup=True, **CTX)
+    # closed pieces are errors, not crashes
+    ds = alpaca2.Sampler(temp=0.8)
+    spec.begin(prompt, alpaca2.Sampler(temp=0.8), ds)
+    ds.close()
+    with pytest.raises(alpaca2.ClosedError):
+        spec.step()
+    spec.begin(prompt, alpaca2.Sampler(temp=0))
+    d.close()
+    with pytest.raises(alpaca2.ClosedError):
+        spec.step()
 
 
 def test_mirostat_falls_back_to_plain_decoding(target, plain):

@@ -262,6 +262,8 @@ cdef class Speculator:
             raise ValueError("max_new must be >= 1")
         self.target._check()
         self.sampler._check()
+        if self.draft_sampler is not None:
+            self.draft_sampler._check()
         if self.draft is not None:
             self.draft._check()
         if <int>self.hist.size() > self.target._n_ctx:

@@ -32,7 +32,7 @@ class ServerProcess:
     """`python -m alpaca2 serve ... --port 0` in a subprocess; url once it listens."""
 
     def __init__(self, model_path, *args):
-        cmd = [sys.executable, "-m", "alpaca2", "serve", "-m", str(model_path), "--port", "0", "-t", "2", *args]
+        cmd = [sys.executable, "-m", "alpaca2", "serve", "-m", str(model_path), "--port", "0", "-t", "1", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines = []
         self.url = None
@@ -216,6 +216,18 @@ def test_prompt_prefix_is_reused(client, tiny_path, mid):
     assert r3.choices[0].text == r2.choices[0].text
 
 
+def test_multi_turn_chat_decodes_only_the_new_turn(client, mid):
+    messages = [{"role": "user", "content": "床前明月光，下一句是什么？"}]
+    r1 = client.chat.completions.create(model=mid, messages=messages, max_tokens=16, temperature=0,
+                                        logit_bias=NO_EOS)
+    messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "再背一遍"}]
+    r2 = client.chat.completions.create(model=mid, messages=messages, max_tokens=16, temperature=0,
+                                        logit_bias=NO_EOS)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens + 16
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 def error_of(response):
@@ -287,7 +299,7 @@ PROMPTS = ["床前明月光，", "Once upon a time", "你好", "The quick brown 
 
 
 def test_eight_streaming_clients_match_lone_answers(server, client, tiny_path, mid):
-    kw = dict(model=mid, max_tokens=24, temperature=0, logit_bias=NO_EOS)
+    kw = dict(model=mid, max_tokens=64, temperature=0, logit_bias=NO_EOS)
     alone = [client.chat.completions.create(messages=chat_messages(p), **kw).choices[0].message.content
              for p in PROMPTS]
     before = server.metrics()
@@ -311,12 +323,16 @@ def test_eight_streaming_clients_match_lone_answers(server, client, tiny_path, m
         together = [f.result(180) for f in futures]
         gone.result(180)
     assert together == alone
+    during = server.metrics()
+    steps = during["alpaca2_decode_steps_total"] - before["alpaca2_decode_steps_total"]
+    tokens = during["alpaca2_completion_tokens_total"] - before["alpaca2_completion_tokens_total"]
+    assert steps < tokens                # some steps decoded several clients' tokens at once
     wait_for(lambda: server.metrics()["alpaca2_requests_cancelled_total"] > before["alpaca2_requests_cancelled_total"],
              what="the quitter's request to be cancelled")
     wait_for(lambda: server.metrics()["alpaca2_slots_busy"] == 0, what="every slot to be free")
     after = server.metrics()
     # the quitter stopped early: far fewer than its 900 tokens were generated
-    assert after["alpaca2_completion_tokens_total"] - before["alpaca2_completion_tokens_total"] < 8 * 24 + 900
+    assert after["alpaca2_completion_tokens_total"] - before["alpaca2_completion_tokens_total"] < 8 * 64 + 900
 
 
 def test_full_queue_gives_503_and_a_disconnect_frees_the_slot(tiny_path, mid):
@@ -342,6 +358,12 @@ def test_full_queue_gives_503_and_a_disconnect_frees_the_slot(tiny_path, mid):
         m = s.metrics()
         assert m["alpaca2_requests_rejected_total"] == 1 and m["alpaca2_requests_cancelled_total"] >= 1
         assert m["alpaca2_completion_tokens_total"] < 60_000
+        # a non-streamed request whose client gives up is cancelled too
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s.url + "/v1/completions", json=dict(body, stream=False), timeout=1.0)
+        wait_for(lambda: s.metrics()["alpaca2_requests_cancelled_total"] >= 2, what="the cancellation")
+        wait_for(lambda: s.metrics()["alpaca2_slots_busy"] == 0, what="the slot to be free")
+        assert s.metrics()["alpaca2_completion_tokens_total"] < 120_000
     finally:
         s.stop()
 

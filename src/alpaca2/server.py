@@ -428,7 +428,8 @@ class Engine:
         if self._emb_ctx is None and self._emb_error is None:
             md = self.model.metadata
             own_pooling = any(k.endswith(".pooling_type") for k in md)
-            n = min(self.n_ctx_slot, self.model.n_ctx_train or self.n_ctx_slot, 8192)
+            # one input is one ubatch (pooling needs the whole sequence): keep the compute buffer small
+            n = min(self.n_ctx_slot, self.model.n_ctx_train or self.n_ctx_slot, 2048)
             try:
                 self._emb_ctx = Context(self.model, n_ctx=n, n_batch=n, n_ubatch=n, n_threads=self.n_threads,
                                         embeddings=True, pooling=None if own_pooling else "mean")

@@ -14,7 +14,7 @@ from alpaca2 import _build_info
 from alpaca2._core import (
     Batch, Context, Model, Sampler, SamplerChain, Speculator,
     backends, check_draft_compatible, chat_apply_template, chat_builtin_templates, default_threads, devices,
-    llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload,
+    llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload, supports_rpc,
 )
 from alpaca2.chat import (
     DEFAULT_SYSTEM_PROMPT, Alpaca2Template, ChatSession, CompletionTemplate, Llama, ModelTemplate,
@@ -22,7 +22,7 @@ from alpaca2.chat import (
 )
 from alpaca2.errors import (
     Alpaca2Error, ClosedError, ContextFullError, DecodeAborted, DecodeError, GrammarError,
-    ModelLoadError, SamplerError, StateError, TokenizeError, VocabMismatchError,
+    ModelLoadError, RPCServerError, SamplerError, StateError, TokenizeError, VocabMismatchError,
 )
 
 __version__ = "0.1.0"
@@ -64,7 +64,7 @@ def _cpu_features():
 def system_info():
     """What this build can do here: backends compiled in and loaded, devices, CPU features."""
     loaded = backends()
-    compiled = ["CPU"] + (["CUDA"] if _build_info.CUDA else [])
+    compiled = ["CPU"] + (["CUDA"] if _build_info.CUDA else []) + (["RPC"] if getattr(_build_info, "RPC", False) else [])
     devs = devices()
     return {
         "version": __version__,
@@ -96,8 +96,8 @@ __all__ = [
     "Llama", "ChatSession", "Alpaca2Template", "ModelTemplate", "CompletionTemplate", "choose_template",
     "DEFAULT_SYSTEM_PROMPT", "Batch", "Context", "Model", "Sampler", "SamplerChain", "quantize", "system_info", "get_include",
     "get_lib_dir", "get_pxd_dir", "backends", "devices", "set_log_level", "chat_apply_template",
-    "chat_builtin_templates", "default_threads", "print_system_info", "supports_gpu_offload",
+    "chat_builtin_templates", "default_threads", "print_system_info", "supports_gpu_offload", "supports_rpc",
     "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",
     "Alpaca2Error", "ClosedError", "ContextFullError", "DecodeAborted", "DecodeError", "GrammarError",
-    "ModelLoadError", "SamplerError", "StateError", "TokenizeError",
+    "ModelLoadError", "RPCServerError", "SamplerError", "StateError", "TokenizeError",
 ]

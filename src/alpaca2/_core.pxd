@@ -14,9 +14,11 @@ cdef class Model:
     cdef object _dependents        # weakref.WeakSet of Contexts / samplers closed with the model
     cdef object _progress_error    # exception raised inside the progress callback
     cdef object _progress
+    cdef object _rpc               # alpaca2.rpc.Connections when layers live on RPC servers, else None
     cdef object __weakref__
 
     cdef int _check(self) except -1
+    cdef bint _rpc_gone(self)
 
 
 cdef class Batch:

@@ -15,6 +15,7 @@ from libc.string cimport memcpy, strlen
 
 from alpaca2._c.ggml cimport *
 from alpaca2._c.llama cimport *
+from alpaca2._c.ggml_rpc cimport RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION, RPC_PROTO_PATCH_VERSION
 
 import logging
 import math
@@ -27,7 +28,7 @@ import numpy as np
 
 from alpaca2.errors import (
     Alpaca2Error, ModelLoadError, ContextFullError, DecodeError, DecodeAborted, ClosedError,
-    TokenizeError, StateError, GrammarError, SamplerError, VocabMismatchError,
+    TokenizeError, StateError, GrammarError, SamplerError, VocabMismatchError, RPCServerError,
 )
 
 cnp.import_array()
@@ -202,8 +203,15 @@ def print_system_info():
 
 
 def supports_gpu_offload():
-    """True when a loaded backend can hold model layers on a GPU."""
-    return bool(llama_supports_gpu_offload())
+    """True when a loaded backend can hold model layers on a GPU of this machine."""
+    # not llama_supports_gpu_offload(): that is also true whenever the RPC backend is loaded
+    return (ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) != NULL or
+            ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU) != NULL)
+
+
+def supports_rpc():
+    """True when this build has llama.cpp's RPC backend (Model(..., rpc_servers=[...]))."""
+    return bool(llama_supports_rpc())
 
 
 def supports_mmap():
@@ -303,6 +311,99 @@ def _check_gguf_file(path):
 
 
 # ------------------------------------------------------------------------------------------------
+# RPC: llama.cpp's RPC backend is a run-time module, so its entry points are looked up by name.
+
+ctypedef ggml_backend_reg_t (*_rpc_add_server_t)(const char * endpoint) noexcept nogil
+ctypedef void (*_rpc_start_server_t)(const char * endpoint, const char * cache_dir, size_t n_threads,
+                                     size_t n_devices, ggml_backend_dev_t * devices) noexcept nogil
+
+RPC_PROTOCOL = (RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION, RPC_PROTO_PATCH_VERSION)
+
+
+cdef void * _rpc_proc(const char * name) except NULL:
+    cdef ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC")
+    if reg == NULL:
+        raise Alpaca2Error("this alpaca2 was built without llama.cpp's RPC backend: rebuild it with "
+                           "ALPACA2_RPC=1 pip install . (the default)")
+    cdef void * fn = ggml_backend_reg_get_proc_address(reg, name)
+    if fn == NULL:
+        raise Alpaca2Error(f"the RPC backend has no {name.decode()}: a llama.cpp of another version?")
+    return fn
+
+
+cdef list _rpc_model_devices(list endpoints, double timeout):
+    """The devices of each server (checked first: llama.cpp aborts on one it cannot reach), then the
+    local ones: the GPUs llama.cpp would use, else the CPU.  Pointers as ints, in tensor_split order."""
+    from alpaca2 import rpc
+    cdef _rpc_add_server_t add_server = <_rpc_add_server_t>_rpc_proc(b"ggml_backend_rpc_add_server")
+    cdef ggml_backend_reg_t reg
+    cdef ggml_backend_dev_t dev
+    cdef bytes c_endpoint
+    cdef const char * c_endpoint_p
+    cdef size_t i
+    out = []
+    for endpoint in endpoints:
+        rpc.check_before_load(endpoint, timeout, major=RPC_PROTO_MAJOR_VERSION)
+        c_endpoint = endpoint.encode()
+        c_endpoint_p = c_endpoint
+        with nogil:
+            reg = add_server(c_endpoint_p)
+        if reg == NULL:
+            raise ModelLoadError(f"RPC server {endpoint} has no devices to offer")
+        for i in range(ggml_backend_reg_dev_count(reg)):
+            out.append(<size_t>ggml_backend_reg_dev_get(reg, i))
+    gpus, igpus = [], []
+    for i in range(ggml_backend_dev_count()):
+        dev = ggml_backend_dev_get(i)
+        if ggml_backend_dev_get_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU:
+            gpus.append(<size_t>dev)
+        elif ggml_backend_dev_get_type(dev) == GGML_BACKEND_DEVICE_TYPE_IGPU:
+            igpus.append(<size_t>dev)
+    # as llama.cpp's default list: integrated GPUs only without a discrete one
+    local = gpus or igpus or [<size_t>ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)]
+    return out + local
+
+
+def _rpc_start_server(str endpoint, cache_dir, size_t n_threads, list device_names):
+    """ggml_backend_rpc_start_server: serves until the process ends; returns only on failure."""
+    cdef _rpc_start_server_t start = <_rpc_start_server_t>_rpc_proc(b"ggml_backend_rpc_start_server")
+    cdef ggml_backend_dev_t devs[64]
+    cdef size_t i, n = 0
+    cdef ggml_backend_dev_t dev
+    names = {}
+    for i in range(ggml_backend_dev_count()):
+        dev = ggml_backend_dev_get(i)
+        names[ggml_backend_dev_name(dev).decode()] = <size_t>dev
+    if device_names:
+        for name in device_names[:64]:
+            if name not in names:
+                raise ValueError(f"no device {name!r} here; there are {sorted(names)}")
+            devs[n] = <ggml_backend_dev_t><size_t>names[name]
+            n += 1
+    else:
+        # as llama.cpp's rpc-server: the accelerators, else the CPU
+        for i in range(ggml_backend_dev_count()):
+            dev = ggml_backend_dev_get(i)
+            if n < 64 and ggml_backend_dev_get_type(dev) not in (GGML_BACKEND_DEVICE_TYPE_CPU,
+                                                                  GGML_BACKEND_DEVICE_TYPE_ACCEL):
+                devs[n] = dev
+                n += 1
+        if n == 0:
+            devs[0] = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+            n = 1
+    cdef bytes c_endpoint = endpoint.encode()
+    cdef const char * c_endpoint_p = c_endpoint
+    cdef bytes c_cache = os.fsencode(cache_dir) if cache_dir is not None else None
+    cdef const char * c_cache_p = NULL
+    if c_cache is not None:
+        c_cache_p = c_cache
+    with nogil:
+        start(c_endpoint_p, c_cache_p, n_threads, n, devs)
+    raise OSError(f"the RPC server could not serve on {endpoint} (see the message above: the port in use, "
+                  "or an address that is not this host's)")
+
+
+# ------------------------------------------------------------------------------------------------
 
 cdef class Model:
     """A GGUF model loaded by llama.cpp.
@@ -312,16 +413,23 @@ cdef class Model:
     ``n_gpu_layers=-1`` offloads every layer when a GPU backend is present (and is harmless
     without one).  ``progress`` is called with a float in [0, 1] during the load; returning
     False cancels it.  Closing a model closes every Context made from it.
+
+    ``rpc_servers=["host:port", ...]`` spreads the layers over llama.cpp rpc-servers
+    (``alpaca2 rpc-server``) and this machine: the devices are each server's, in order, then the
+    local GPUs (or, without one, the CPU).  ``tensor_split`` gives each device's share of the
+    layers in that order (default: by free memory); without ``rpc_servers`` it splits over the
+    local GPUs as in llama.cpp.  The RPC protocol has no authentication: private networks only.
     """
 
     def __cinit__(self):
         self.ptr = NULL
         self.vocab = NULL
+        self._rpc = None
         self._dependents = weakref.WeakSet()
 
     def __init__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
                  bint vocab_only=False, progress=None, bint verbose=False, int main_gpu=0,
-                 bint check_tensors=False):
+                 bint check_tensors=False, rpc_servers=None, tensor_split=None, double rpc_timeout=5.0):
         self.path = os.fspath(path)
         if isinstance(self.path, bytes):
             self.path = os.fsdecode(self.path)
@@ -330,6 +438,21 @@ cdef class Model:
         _check_gguf_file(self.path)
         if verbose:
             _enable_verbose()
+        from alpaca2 import rpc
+        endpoints = rpc.parse_servers(rpc_servers)
+        cdef size_t n_max_devices = llama_max_devices()
+        cdef list devs = _rpc_model_devices(endpoints, rpc_timeout) if endpoints and not vocab_only else []
+        split = [float(x) for x in tensor_split] if tensor_split is not None else []
+        if tensor_split is not None:
+            limit = len(devs) if devs else n_max_devices
+            if len(split) > limit:
+                raise ValueError(f"tensor_split has {len(split)} shares for {limit} devices" +
+                                 (f" ({len(devs) - 1} remote, 1 local)" if devs else ""))
+            if any(not x >= 0 for x in split) or not sum(split) > 0:
+                raise ValueError(f"tensor_split must be shares >= 0, not all zero; got {list(tensor_split)}")
+        cdef ggml_backend_dev_t * c_devices = NULL
+        cdef float * c_split = NULL
+        cdef size_t i
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.main_gpu = main_gpu
@@ -349,8 +472,27 @@ cdef class Model:
         params.progress_callback_user_data = <void *>self
         cdef bytes c_path = os.fsencode(self.path)
         cdef const char * c_path_p = c_path
-        with nogil:
-            self.ptr = llama_model_load_from_file(c_path_p, params)
+        try:
+            if devs:
+                c_devices = <ggml_backend_dev_t *>malloc((len(devs) + 1) * sizeof(ggml_backend_dev_t))
+                if c_devices == NULL:
+                    raise MemoryError()
+                for i in range(len(devs)):
+                    c_devices[i] = <ggml_backend_dev_t><size_t>devs[i]
+                c_devices[len(devs)] = NULL       # the list is NULL-terminated
+                params.devices = c_devices
+            if split:
+                c_split = <float *>malloc(n_max_devices * sizeof(float))   # llama.cpp copies it
+                if c_split == NULL:
+                    raise MemoryError()
+                for i in range(n_max_devices):
+                    c_split[i] = split[i] if i < len(split) else 0.0
+                params.tensor_split = c_split
+            with nogil:
+                self.ptr = llama_model_load_from_file(c_path_p, params)
+        finally:
+            free(c_devices)
+            free(c_split)
         self._progress = None
         if self.ptr == NULL:
             err = self._progress_error
@@ -361,25 +503,51 @@ cdef class Model:
                                  "or of an unsupported architecture (Model(..., verbose=True) shows why)")
         self.vocab = llama_model_get_vocab(self.ptr)
         self._n_vocab = llama_vocab_n_tokens(self.vocab)
+        if devs:
+            self._rpc = rpc.Connections(endpoints)
 
     cdef int _check(self) except -1:
         if self.ptr == NULL:
             _raise_closed("Model")
         return 0
 
+    cdef bint _rpc_gone(self):
+        # a server has gone: llama.cpp would abort on anything that talks to it (even freeing)
+        if self._rpc is None:
+            return False
+        try:
+            self._rpc.check()
+        except Exception:
+            return True
+        return False
+
+    @property
+    def rpc_servers(self):
+        """The RPC servers holding part of this model ('host:port'), or an empty list."""
+        return list(self._rpc.endpoints) if self._rpc is not None else []
+
+    def check_rpc(self):
+        """Raise RPCServerError if an RPC server of this model has gone (done before each decode)."""
+        if self._rpc is not None:
+            self._rpc.check()
+
     def close(self):
         """Free the model (and close every Context made from it).  Safe to call twice."""
         for dep in list(self._dependents):
             dep.close()
         if self.ptr != NULL:
-            with nogil:
-                llama_model_free(self.ptr)
+            if not self._rpc_gone():         # else left allocated: llama.cpp would abort
+                with nogil:
+                    llama_model_free(self.ptr)
             self.ptr = NULL
             self.vocab = NULL
+            if self._rpc is not None:
+                self._rpc.closed = True
 
     def __dealloc__(self):
         if self.ptr != NULL:
-            llama_model_free(self.ptr)
+            if not self._rpc_gone():
+                llama_model_free(self.ptr)
             self.ptr = NULL
 
     def __enter__(self):
@@ -756,6 +924,7 @@ cdef class Context:
         if n_ubatch > n_batch:
             n_ubatch = n_batch
         self.model = model
+        model.check_rpc()
         cdef llama_context_params p = llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = n_batch
@@ -806,6 +975,8 @@ cdef class Context:
         self._all_logits = None
         self._n_outputs = 0
         model._dependents.add(self)
+        if model._rpc is not None:
+            model._rpc.refresh()             # a context may open connections the load did not
 
     cdef int _check(self) except -1:
         if self.ptr == NULL:
@@ -832,14 +1003,16 @@ cdef class Context:
             return
         with self._lock:
             if self.ptr != NULL:
-                with nogil:
-                    llama_free(self.ptr)
+                if not self.model._rpc_gone():    # else left allocated: llama.cpp would abort
+                    with nogil:
+                        llama_free(self.ptr)
                 self.ptr = NULL
                 self.mem = NULL
 
     def __dealloc__(self):
         if self.ptr != NULL:
-            llama_free(self.ptr)
+            if self.model is None or not self.model._rpc_gone():
+                llama_free(self.ptr)
             self.ptr = NULL
 
     def __enter__(self):
@@ -927,6 +1100,8 @@ cdef class Context:
                 self._n_outputs = 0
 
     cdef int _decode_tokens(self, const llama_token * tokens, int n, int seq_id, bint all_logits) except -1:
+        if self.model._rpc is not None:
+            self.model._rpc.check()          # a server that has gone: an exception, not llama.cpp's abort
         cdef int n_past = llama_memory_seq_pos_max(self.mem, seq_id) + 1
         if n_past + n > self._n_ctx:
             raise ContextFullError(

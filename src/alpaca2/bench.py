@@ -93,14 +93,16 @@ def machine_description() -> str:
 
 def run(model_path: str, *, n_prompt=(512,), n_gen=(128,), gen=(128,), repetitions=5, n_threads=None,
         n_batch=2048, n_ubatch=512, n_gpu_layers=-1, flash_attn="auto", type_k="f16", type_v="f16",
-        n_ctx=None, progress=None) -> list[dict]:
+        n_ctx=None, progress=None, rpc_servers=None, tensor_split=None) -> list[dict]:
     """Run the tests; one dict per test (tokens/sec samples, mean, stddev and the settings)."""
     n_threads = n_threads or default_threads()
-    model = Model(model_path, n_gpu_layers=n_gpu_layers)
+    model = Model(model_path, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, tensor_split=tensor_split)
     need = max(list(n_prompt) + list(n_gen) + [g + 64 for g in gen] + [1]) + 8
     ctx = Context(model, n_ctx=n_ctx or max(need, 256), n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
                   flash_attn=flash_attn, type_k=type_k, type_v=type_v)
     backend = "CUDA" if supports_gpu_offload() and n_gpu_layers != 0 else "CPU"
+    if model.rpc_servers:
+        backend += "+RPC"
     base = {"model": os.path.basename(model_path), "model_desc": model.desc, "size": model.size,
             "n_params": model.n_params, "backend": backend, "n_threads": n_threads, "n_batch": n_batch,
             "n_ubatch": n_ubatch, "n_gpu_layers": n_gpu_layers, "flash_attn": str(flash_attn),

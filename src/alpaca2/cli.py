@@ -5,6 +5,7 @@
     alpaca2 generate -m MODEL -p "床前明月光，"      continue text (base models), streamed
     alpaca2 info [-m MODEL]                        build, devices, and the model's metadata (JSON)
     alpaca2 tokenize -m MODEL TEXT                 token ids and pieces
+    alpaca2 rpc-server [--host H] [--port P]       serve layers to other machines (llama.cpp's RPC)
     alpaca2 serve -m MODEL [--port 8000]           OpenAI-compatible HTTP server (/v1/chat/completions ...)
 
 Sampling defaults are chat.sh's: -c 4096 --temp 0.5 --top-k 40 --top-p 0.9 --repeat-penalty 1.1.
@@ -42,10 +43,32 @@ def _add_model_args(p: argparse.ArgumentParser, required=True) -> None:
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
+def _add_rpc_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("layers on other machines (llama.cpp's RPC backend; private networks only)")
+    r.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="rpc-servers (alpaca2 rpc-server) to spread the layers over, with this machine")
+    r.add_argument("-ts", "--tensor-split", default=None, metavar="N,N,...",
+                   help="share of the layers per device: each --rpc server's, then the local one(s)")
+
+
+def _rpc_kwargs(args) -> dict:
+    """Model(...) keyword arguments from --rpc / --tensor-split."""
+    out = {}
+    if getattr(args, "rpc", None):
+        out["rpc_servers"] = args.rpc
+    if getattr(args, "tensor_split", None):
+        try:
+            out["tensor_split"] = [float(x) for x in args.tensor_split.replace("/", ",").split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--tensor-split takes numbers separated by commas, not {args.tensor_split!r}") from None
+    return out
+
+
 def _add_context_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU (default: all)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    _add_rpc_args(p)
     d = p.add_argument_group("speculative decoding")
     d.add_argument("-md", "--draft", "--model-draft", dest="draft", default=None, metavar="MODEL",
                    help="draft model (same vocabulary, e.g. Chinese-Alpaca-2-1.3B for the 7B/13B)")
@@ -122,10 +145,17 @@ def _open_llm(args, template="auto"):
         raise ValueError("use --draft or --lookup, not both")
     if draft is not None:
         draft = _model_path(argparse.Namespace(model=draft, demo=False))
-    llm = Llama(path, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+    model = path
+    rpc = _rpc_kwargs(args)
+    if rpc:
+        from alpaca2 import Model
+        model = Model(path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, progress=_progress_for(path), **rpc)
+    llm = Llama(model, n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                 template=template, seed=args.seed, verbose=args.verbose, progress=_progress_for(path),
                 draft_model=draft, lookup=getattr(args, "lookup", False), n_draft=getattr(args, "n_draft", 16),
                 draft_p_min=getattr(args, "draft_p_min", 0.75))
+    if rpc:
+        llm._owns_model = True        # made here for --rpc: closed with the Llama
     return llm
 
 
@@ -134,6 +164,8 @@ def _summary(llm) -> str:
     devs = [d["name"] for d in alpaca2.devices() if d["type"] in ("gpu", "igpu")]
     where = f"GPU ({', '.join(devs)}), all {llm.model.n_layer} layers" if devs and alpaca2.supports_gpu_offload() \
         else f"CPU, {llm.ctx.n_threads} threads"
+    if llm.model.rpc_servers:
+        where += f" + RPC {','.join(llm.model.rpc_servers)}"
     return (f"alpaca2: {os.path.basename(llm.model.path)} ({llm.model.desc}) | {where} | "
             f"n_ctx {llm.n_ctx} | template {llm.template.name}")
 
@@ -276,7 +308,7 @@ def cmd_info(args) -> int:
     import alpaca2
     info = alpaca2.system_info()
     if args.model or args.demo:
-        with alpaca2.Model(_model_path(args), vocab_only=False) as m:
+        with alpaca2.Model(_model_path(args), vocab_only=False, **_rpc_kwargs(args)) as m:
             info["model"] = {
                 "path": m.path, "desc": m.desc, "ftype": m.ftype, "n_params": m.n_params, "size": m.size,
                 "n_vocab": m.n_vocab, "n_ctx_train": m.n_ctx_train, "n_embd": m.n_embd, "n_layer": m.n_layer,
@@ -317,11 +349,27 @@ def cmd_bench(args) -> int:
                      repetitions=args.repetitions, n_threads=args.threads, n_batch=args.batch_size,
                      n_ubatch=args.ubatch_size, n_gpu_layers=args.n_gpu_layers,
                      flash_attn={"auto": "auto", "1": True, "0": False}[args.flash_attn],
-                     type_k=args.cache_type_k, type_v=args.cache_type_v, progress=progress)
+                     type_k=args.cache_type_k, type_v=args.cache_type_v, progress=progress,
+                     **_rpc_kwargs(args))
     if sys.stderr.isatty():
         sys.stderr.write("\r" + " " * 30 + "\r")
     print(bench.format_rows(rows, args.output))
     return EXIT_OK
+
+
+def cmd_rpc_server(args) -> int:
+    import signal
+    from alpaca2 import rpc
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(f"alpaca2: WARNING: serving on {args.host}: llama.cpp's RPC protocol has no authentication and "
+              "no encryption; anyone who reaches this port can use this machine's memory and compute. "
+              "Private networks only.", file=sys.stderr)
+    # llama.cpp's server loop never returns to Python: Ctrl+C and SIGTERM end the process at once
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devices = [d for d in (args.device or "").split(",") if d]
+    rpc.serve(args.host, args.port, n_threads=args.threads, devices=devices, cache=args.cache)
+    return EXIT_ERROR
 
 
 def cmd_serve(args) -> int:
@@ -355,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="build, devices and CPU features; with -m the model's metadata (JSON)")
     _add_model_args(i, required=False)
+    _add_rpc_args(i)
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="tokens/sec: pp, tg (as llama-bench) and gen (end to end)")
@@ -371,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-ctk", "--cache-type-k", default="f16")
     b.add_argument("-ctv", "--cache-type-v", default="f16")
     b.add_argument("-o", "--output", choices=["md", "json", "jsonl", "csv"], default="md")
+    _add_rpc_args(b)
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("tokenize", help="token ids and pieces of a text")
@@ -381,12 +431,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ids", action="store_true", help="print the ids as one list")
     t.set_defaults(func=cmd_tokenize)
 
+    r = sub.add_parser("rpc-server", help="hold and compute layers for a model on another machine (llama.cpp's RPC)",
+                       description="Run llama.cpp's RPC server: clients (alpaca2 ... --rpc HOST:PORT, or "
+                       "llama.cpp's --rpc) put layers here. No authentication: private networks only.")
+    r.add_argument("-H", "--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    r.add_argument("-p", "--port", type=int, default=50052, help="port (default 50052)")
+    r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    r.add_argument("-d", "--device", default=None,
+                   help="devices to serve, comma-separated names from 'alpaca2 info' (default: the GPUs, else CPU)")
+    r.add_argument("-c", "--cache", action="store_true",
+                   help="cache received weights in ~/.cache/llama.cpp/rpc: a reload sends hashes, not weights")
+    r.set_defaults(func=cmd_rpc_server)
+
     from alpaca2 import server
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server; many clients share the model",
                        description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
                        "/health and /metrics (pip install 'alpaca2-llama[server]').")
     _add_model_args(s)
     server.add_arguments(s)
+    _add_rpc_args(s)
     s.set_defaults(func=cmd_serve)
     return p
 

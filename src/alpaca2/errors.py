@@ -44,8 +44,13 @@ class SamplerError(Alpaca2Error, RuntimeError):
 __all__ = [
     "Alpaca2Error", "ModelLoadError", "ContextFullError", "DecodeError", "DecodeAborted",
     "ClosedError", "TokenizeError", "StateError", "GrammarError", "SamplerError", "VocabMismatchError",
+    "RPCServerError",
 ]
 
 
 class VocabMismatchError(Alpaca2Error, ValueError):
     """A draft model whose vocabulary is not the target model's (speculative decoding)."""
+
+
+class RPCServerError(Alpaca2Error, ConnectionError):
+    """An RPC server holding part of a model has gone (llama.cpp's RPC backend, alpaca2.rpc)."""

@@ -46,6 +46,7 @@ cdef extern from "ggml-backend.h" nogil:
     ctypedef ggml_backend_reg * ggml_backend_reg_t
     ctypedef ggml_backend_device * ggml_backend_dev_t
     ctypedef void * ggml_backend_buffer_type_t
+    ctypedef void * ggml_backend_t
     ctypedef void * ggml_backend_sched_eval_callback
 
     enum ggml_backend_dev_type:
@@ -67,6 +68,10 @@ cdef extern from "ggml-backend.h" nogil:
     size_t ggml_backend_reg_count()
     ggml_backend_reg_t ggml_backend_reg_get(size_t index)
     ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
+    # a backend module's extra entry points (e.g. the RPC backend's), found by name
+    void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
+    ggml_backend_dev_t ggml_backend_dev_by_type(ggml_backend_dev_type type)
     size_t ggml_backend_dev_count()
     ggml_backend_dev_t ggml_backend_dev_get(size_t index)
     ggml_backend_reg_t ggml_backend_load(const char * path)

@@ -739,10 +739,10 @@ class Server:
         body = await self._read_json(request)
         self._check_model(body)
         messages = self._messages(body)
-        try:
-            tokens = self.template.tokenize_messages(self.model, messages)
-        except ValueError as e:
-            raise _bad(str(e), "messages") from None
+        try:      # in a worker thread: a long prompt must not hold up the other clients' streams
+            tokens = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
+        except (ValueError, RuntimeError, Alpaca2Error) as e:
+            raise _bad(f"cannot format these messages: {e}", "messages") from None
         job, stream, include_usage = self._job_for(body, tokens, self.template.strip_leading_space)
         return await self._run_job(request, job, stream, include_usage, chat=True)
 
@@ -753,7 +753,7 @@ class Server:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            tokens = self.model.tokenize(prompt, add_bos=True, special=False)
+            tokens = await asyncio.to_thread(self.model.tokenize, prompt, add_bos=True, special=False)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             if not all(0 <= t < self.model.n_vocab for t in prompt):
                 raise _bad("a token id in 'prompt' is out of range", "prompt")
@@ -1017,7 +1017,8 @@ def serve(args, model_path: str) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"alpaca2: WARNING: serving on {args.host} without --api-key: anyone who reaches this port "
               "can use the model", file=sys.stderr)
-    model = Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    from alpaca2.cli import _rpc_kwargs        # --rpc / --tensor-split: layers on rpc-servers
+    model = Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **_rpc_kwargs(args))
     try:
         engine = Engine(model, n_ctx=args.ctx_size, parallel=args.parallel, n_batch=args.batch_size,
                         n_threads=args.threads, queue_size=args.queue)

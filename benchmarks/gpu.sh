@@ -9,8 +9,10 @@
 #                                    # for the present GPU (-j16), makes the synthetic 1.3B F16/Q4_0
 #                                    # models (and 7B Q4_0 with GPU_SH_7B=1) on the machine, runs
 #                                    # benchmarks/bench.py with every layer offloaded, flash attention
-#                                    # off and on, and benchmarks/memory.py; results to $OUT (or
-#                                    # benchmarks/results/gpu-DATE/).
+#                                    # off and on, and benchmarks/memory.py.  Results: in
+#                                    # build/gpu-sh/results/; with $OUT set (the device tool), the
+#                                    # tables, the log and one tarball of everything are copied there
+#                                    # (5 files: the tool brings back at most 8).
 #
 # Each step of `run` skips what an earlier call on the same (warm) machine already did, so a run
 # cut by the 10-minute limit is continued by running it again.  GPU_SH_CUDA=0 does the same on a
@@ -42,12 +44,14 @@ prepare() {
 }
 
 run() {
-  local t0 out site target py
+  local t0 out site target py work
   t0=$(date +%s)
-  out=${OUT:-$ROOT/benchmarks/results/gpu-$(date +%F)}
+  # under build/ (git-ignored, kept between calls on a warm machine): a second call goes on
+  work=$ROOT/build/gpu-sh
+  out=$work/results
   mkdir -p "$out"
-  site=/tmp/alpaca2-gpu-site
-  target=/tmp/alpaca2-gpu-pkg
+  site=$work/site
+  target=$work/pkg
   py=python3
   log() { echo "gpu.sh [$(( $(date +%s) - t0 )) s] $*" | tee -a "$out/gpu-sh.log"; }
   [ -d "$GPU_DIR" ] || { echo "gpu.sh: no .gpu/ here: run 'bash benchmarks/gpu.sh prepare' first and carry .gpu" >&2; exit 1; }
@@ -68,12 +72,12 @@ run() {
     log "building (CUDA=${ALPACA2_CUDA:-0}, $(nproc) cores)"
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) ALPACA2_BUILD_TOOLS=1 \
       $py -m pip install -q --no-build-isolation --no-deps --no-compile --target "$target" \
-        -Cbuild-dir=build/gpu-sh . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+        -Cbuild-dir=build/gpu-sh/cmake . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
     log "built"
   fi
   $py -c "import alpaca2, json; print(json.dumps(alpaca2.system_info(), indent=1))" > "$out/system_info.json"
   log "$($py -c "import alpaca2; print([d['name'] for d in alpaca2.devices()])")"
-  local models=/tmp/alpaca2-gpu-models spec="1.3b-f16,1.3b-q4_0"
+  local models=$work/models spec="1.3b-f16,1.3b-q4_0"
   mkdir -p "$models"
   [ "${GPU_SH_7B:-0}" = "1" ] && spec="$spec,7b-q4_0"
   export ALPACA2_TOKENIZER_MODEL=$GPU_DIR/tokenizer.model
@@ -94,8 +98,19 @@ run() {
   log "done: $out"
 }
 
+# what comes back from the device tool, also after a failure or a timeout
+bring_back() {
+  if [ -n "${OUT:-}" ] && [ -d "$ROOT/build/gpu-sh/results" ]; then
+    local r=$ROOT/build/gpu-sh/results f
+    for f in bench-fa0.md bench-fa1.md memory.md gpu-sh.log; do
+      [ -f "$r/$f" ] && cp "$r/$f" "$OUT/"
+    done
+    tar -C "$ROOT/build/gpu-sh" -czf "$OUT/gpu-results.tar.gz" results || true
+  fi
+}
+
 case "${1:-}" in
   prepare) prepare ;;
-  run) run ;;
+  run) trap bring_back EXIT; run ;;
   *) echo "usage: bash benchmarks/gpu.sh prepare|run" >&2; exit 2 ;;
 esac

@@ -214,6 +214,11 @@ class Engine:
     def busy_slots(self) -> int:
         return self._busy
 
+    @property
+    def alive(self) -> bool:
+        """Whether the decode thread runs (and takes jobs)."""
+        return self._thread.is_alive() and not self._draining
+
     def tokens_per_second(self) -> float:
         now = time.monotonic()
         recent = list(self._recent)
@@ -294,9 +299,9 @@ class Engine:
                     assigned.append(slot)
             for job in embed:
                 self._embed(job)
-            for slot in assigned:
-                self._start(slot)
             try:
+                for slot in assigned:
+                    self._start(slot)
                 self._step(batch)
             except Exception as e:          # a bug must not kill the thread silently: fail what is running
                 events = []
@@ -906,8 +911,10 @@ class Server:
 
     async def health(self, request):
         e = self.engine
-        return self._json({"status": "ok", "slots_total": e.parallel, "slots_busy": e.busy_slots,
-                           "queue_length": e.queue_length})
+        ok = e.alive
+        status = "ok" if ok else ("shutting down" if e._draining else "decode thread stopped")
+        return self._json({"status": status, "slots_total": e.parallel, "slots_busy": e.busy_slots,
+                           "queue_length": e.queue_length}, 200 if ok else 503)
 
     async def metrics(self, request):
         from starlette.responses import Response

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -228,3 +229,203 @@ def test_loading_opens_the_file_read_only_and_writes_nothing_next_to_it(tiny_pat
         assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == before
     finally:
         d.chmod(0o755)
+
+
+# -- leaks -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_rss_stays_flat_over_load_context_decode_and_chat_loops(tiny_path):
+    """200 loads, 500 contexts, 10,000 decode+sample steps, 1,000 chat turns (about 25 s).
+
+    ALPACA2_LEAK_SCALE scales the counts (0.1 for a quick look)."""
+    scale = os.environ.get("ALPACA2_LEAK_SCALE", "1.0")
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "leak_loops.py"), tiny_path, scale],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    for name, res in results.items():
+        assert res["growth_kb"] < 5 * 1024, (name, res)
+
+
+# -- Ctrl+C --------------------------------------------------------------------------------------
+
+def interrupted(code, timeout=120):
+    """Run code that sets `sent` (the SIGINT time) and prints lines; returns stdout."""
+    prelude = textwrap.dedent("""
+        import os, signal, threading, time, alpaca2
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sent = []
+        def ctrl_c_in(seconds):
+            def fire():
+                sent.append(time.perf_counter())
+                os.kill(os.getpid(), signal.SIGINT)
+            threading.Timer(seconds, fire).start()
+        def latency_ms():
+            return (time.perf_counter() - sent[0]) * 1000
+    """)
+    r = run_python(prelude + textwrap.dedent(code), timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_ctrl_c_during_model_load_raises_keyboard_interrupt(tiny_path):
+    out = interrupted(f"""
+        slow = lambda p: time.sleep(0.02)           # a load that takes a while, however fast the disk
+        ctrl_c_in(0.3)
+        try:
+            for _ in range(1000):
+                alpaca2.Model({tiny_path!r}, use_mmap=False, progress=slow).close()
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt after %.0f ms" % latency_ms())
+        with alpaca2.Model({tiny_path!r}) as m:     # and loading works afterwards
+            print("loaded", m.n_vocab)
+    """)
+    assert "KeyboardInterrupt after" in out and "loaded" in out, out
+    assert float(out.split("after ")[1].split(" ms")[0]) < 2000, out
+
+
+def test_ctrl_c_during_generation_raises_and_the_chat_goes_on(tiny_path):
+    out = interrupted(f"""
+        llm = alpaca2.Llama({tiny_path!r}, n_ctx=512, n_threads=1, seed=1)
+        session = alpaca2.ChatSession(llm, max_tokens=400, temp=1.0)
+        ctrl_c_in(0.3)
+        try:
+            for _ in range(1000):                     # however fast: still generating at 0.3 s
+                session.reset()
+                for piece in session.send("讲个故事"):
+                    pass
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt after %.0f ms" % latency_ms())
+        session.reset()
+        print("answer", len(session.send("你好", stream=False, max_tokens=8)) >= 0)
+    """)
+    assert "KeyboardInterrupt after" in out and "answer True" in out, out
+    assert float(out.split("after ")[1].split(" ms")[0]) < 2000, out
+
+
+# -- threads -------------------------------------------------------------------------------------
+
+def test_closing_the_model_while_another_thread_decodes_is_an_exception_not_a_crash(tiny_path):
+    out = interrupted(f"""
+        m = alpaca2.Model({tiny_path!r})
+        c = alpaca2.Context(m, n_ctx=512, n_batch=64, n_threads=1)
+        ids = [5 + i % 700 for i in range(500)]
+        errors, started = [], threading.Event()
+        def work():
+            try:
+                while True:
+                    started.set()
+                    c.decode(ids)
+                    c.clear()
+            except Exception as e:
+                errors.append(type(e).__name__)
+        t = threading.Thread(target=work)
+        t.start()
+        started.wait()
+        time.sleep(0.2)
+        m.close()
+        t.join(30)
+        print("alive", t.is_alive(), "errors", errors)
+    """)
+    assert "alive False errors ['ClosedError']" in out, out
+
+
+def test_contexts_made_and_closed_from_many_threads_at_once(model):
+    ids = model.tokenize("床前明月光，疑是地上霜。")
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                with alpaca2.Context(model, n_ctx=64, n_batch=32, n_threads=1) as c:
+                    c.decode(ids)
+                    s = alpaca2.Sampler(temp=0.7, seed=1)
+                    c.decode_token(s.sample(c))
+                    s.close()
+        except Exception as e:          # pragma: no cover - the test fails on any
+            errors.append(e)
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+# -- resource limits and files -------------------------------------------------------------------
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_allocation(model):
+    from alpaca2._gguf_check import available_memory
+    avail = available_memory()
+    if avail is None:
+        pytest.skip("no /proc/meminfo here")
+    n_ctx = 2 ** 31 - 256                      # 2 layers x 32 x 2 x f32: ~1 TiB of cache
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryError, match=r"KV cache for n_ctx=\d+ needs [\d.]+ GiB"):
+        alpaca2.Context(model, n_ctx=n_ctx, type_k="f32", type_v="f32", n_threads=1)
+    assert time.perf_counter() - t0 < 1
+
+
+def test_state_file_save_is_atomic(ctx, model, tmp_path):
+    path = tmp_path / "state.bin"
+    ids = model.tokenize("hello")
+    ctx.decode(ids)
+    ctx.save_state_file(path, ids)
+    good = path.read_bytes()
+    ctx.close()                                 # a failing save ...
+    with pytest.raises(alpaca2.ClosedError):
+        ctx.save_state_file(path, ids)
+    assert path.read_bytes() == good            # ... leaves the old file, and no temp file
+    assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+
+
+def test_chat_session_save_is_atomic(tiny_path, tmp_path):
+    llm = alpaca2.Llama(tiny_path, n_ctx=256, n_threads=1, seed=1)
+    session = alpaca2.ChatSession(llm, max_tokens=4)
+    session.send("你好", stream=False)
+    path = tmp_path / "chat.json"
+    session.save(path, include_state=True)
+    good = path.read_bytes()
+    session.sampling["bad"] = object()          # not JSON: the save fails half-way
+    with pytest.raises(TypeError):
+        session.save(path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "chat.json.kv"]
+    del session.sampling["bad"]
+    assert alpaca2.ChatSession.load(llm, path).messages == session.messages
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["model-first", "context-first", "threads-running"])
+def test_interpreter_exit_with_live_models_and_contexts(tiny_path, order):
+    code = textwrap.dedent(f"""
+        import threading, alpaca2
+        m = alpaca2.Model({tiny_path!r})
+        c = alpaca2.Context(m, n_ctx=128, n_batch=32, n_threads=1)
+        s = alpaca2.Sampler(temp=0.7, seed=1)
+        llm = alpaca2.Llama(m, n_ctx=128, n_threads=1)
+        c.decode(m.tokenize("hello"))
+        order = {order!r}
+        if order == "model-first":
+            keep = (m, c, s, llm)
+        elif order == "context-first":
+            keep = (c, s, llm, m)
+        else:
+            def spin():
+                ids = m.tokenize("床前明月光")
+                while True:
+                    with alpaca2.Context(m, n_ctx=64, n_threads=1) as own:
+                        own.decode(ids)
+            for _ in range(2):
+                threading.Thread(target=spin, daemon=True).start()
+            import time; time.sleep(0.3)
+        print("bye")
+    """)
+    r = run_python(code, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "bye"
+    noise = [line for line in r.stderr.splitlines() if line.strip()]
+    assert not noise, noise[:20]

@@ -923,6 +923,23 @@ cdef class Context:
             n_batch = n_ctx
         if n_ubatch > n_batch:
             n_ubatch = n_batch
+        # The KV cache in host memory, refused before llama.cpp allocates it: an allocation the
+        # kernel overcommits would otherwise end in the OOM killer, not an exception.  Only where
+        # the size is exact (llama-layout attention, no GPU to hold it).
+        from alpaca2._gguf_check import GGML_TYPES, available_memory
+        arch = model.metadata.get("general.architecture")
+        if arch in ("llama", "qwen2") and not (offload_kqv and supports_gpu_offload()):
+            n_ctx_kv = -(-(n_ctx or model.n_ctx_train) // 256) * 256        # llama.cpp pads to 256
+            head_dim_kv = model.n_embd // max(model.n_head, 1) * model.n_head_kv
+            per_elem = {name: size / block for name, block, size in GGML_TYPES.values()}
+            kv_bytes = int(n_ctx_kv * model.n_layer * head_dim_kv * (per_elem[type_k] + per_elem[type_v]))
+            avail = available_memory()
+            if avail is not None and kv_bytes > avail:
+                raise MemoryError(
+                    f"a KV cache for n_ctx={n_ctx_kv} needs {kv_bytes / 2**30:.1f} GiB "
+                    f"({model.n_layer} layers x {head_dim_kv} x 2, {type_k}/{type_v}), but only "
+                    f"{avail / 2**30:.1f} GiB of memory is available: use a smaller n_ctx or "
+                    "type_k/type_v='q8_0'")
         self.model = model
         model.check_rpc()
         cdef llama_context_params p = llama_context_default_params()
@@ -1349,21 +1366,31 @@ cdef class Context:
         self._check()
         cdef cnp.ndarray arr = _token_array(tokens, self._n_vocab)
         path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        # a name of its own per call (two threads may save to one path), in the target's folder
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         cdef bytes c_tmp = os.fsencode(tmp)
         cdef const char * c_tmp_p = c_tmp
         cdef bint ok
-        with self._lock:
-            with nogil:
-                ok = llama_state_save_file(self.ptr, c_tmp_p, <const llama_token *>cnp.PyArray_DATA(arr),
-                                           arr.shape[0])
-        if not ok:
+        try:
+            with self._lock:
+                with nogil:
+                    ok = llama_state_save_file(self.ptr, c_tmp_p, <const llama_token *>cnp.PyArray_DATA(arr),
+                                               arr.shape[0])
+            if not ok:
+                raise StateError(f"could not write the state to {path}")
+            # on disk before the rename: a crash or power cut leaves the old file or the new one
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise StateError(f"could not write the state to {path}")
-        os.replace(tmp, path)
+            raise
 
     def load_state_file(self, path):
         """Restore a state written by save_state_file; returns the tokens saved with it."""

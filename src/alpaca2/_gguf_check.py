@@ -340,3 +340,16 @@ def _check_model_keys(r: _Reader, kv) -> None:
                    "that needs one")
     if model == b"bert" and TOKEN_TYPE_BYTE in types:
         r.fail("a bert (WordPiece) vocabulary with byte tokens: llama.cpp aborts when it meets one")
+
+
+def available_memory():
+    """Bytes of memory a new allocation can still get (MemAvailable + free swap), or None where
+    the system does not say (not Linux).  Used by Context to refuse a KV cache that cannot fit."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.count(" ")}
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in info:
+        return None
+    return info["MemAvailable"] + info.get("SwapFree", 0)

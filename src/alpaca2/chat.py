@@ -740,10 +740,20 @@ class ChatSession:
             state_path = path + ".kv"
             self.llm.ctx.save_state_file(state_path, self.llm._tokens)
             data["state_file"] = os.path.basename(state_path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
+        # temp file + fsync + rename: a crash mid-save leaves the old session or the new one
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     @classmethod
     def load(cls, llm: Llama, path) -> "ChatSession":

@@ -56,6 +56,8 @@ _TYPED_KEYS = {
 }
 
 
+_NOT_WEIGHT_TYPES = {24, 25, 26, 27, 28}           # i8, i16, i32, i64, f64
+
 # String arrays whose contents the checks below need (the rest are only skipped over).
 _KEEP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"}
 TOKEN_TYPE_BYTE = 6
@@ -264,6 +266,10 @@ def _validate(r: _Reader) -> None:
         if ggml_type not in GGML_TYPES:
             r.fail(f"tensor '{name}' has invalid or unsupported ggml type {ggml_type}")
         type_name, block, type_size = GGML_TYPES[ggml_type]
+        # ggml's CPU kernels have no matrix product or norm for integer/f64 data: llama.cpp loads
+        # such a weight and then crashes (SIGSEGV, or an abort in the scheduler) at the first decode
+        if ggml_type in _NOT_WEIGHT_TYPES and name_raw.endswith((b".weight", b".bias")):
+            r.fail(f"tensor '{name}' is of type {type_name}, which llama.cpp cannot compute with")
         row = ne[0] if ne else 1
         if row % block:
             r.fail(f"tensor '{name}' of type {type_name} has rows of {row} elements, not a "

@@ -132,15 +132,20 @@ def test_bert_vocabulary_with_byte_tokens_aborts_llama_cpp(seed_bytes, tmp_path)
     assert_precheck_refuses_what_llama_cpp_aborts_on(path, "bert", "fatal error")
 
 
-@pytest.mark.parametrize("tensor,signal_text", [("blk.0.attn_k.weight", ""),
-                                                ("token_embd.weight", "cur_backend_id != -1")])
-def test_integer_typed_weight_crashes_llama_cpp_at_the_first_decode(seed_bytes, tmp_path, tensor, signal_text):
-    # i32 has f32's size, so the file stays consistent; llama.cpp loads it and then has no kernel
+@pytest.mark.parametrize("tensor,ggml_type,type_name,abort_text", [
+    ("blk.0.attn_k.weight", 26, "i32", ""),                      # SIGSEGV: no kernel
+    ("token_embd.weight", 26, "i32", "cur_backend_id != -1"),
+    (-1, 9, "q8_1", ""),                                         # the last tensor: offsets still agree
+])
+def test_weights_of_a_type_ggml_cannot_compute_with_crash_llama_cpp_at_the_first_decode(
+        seed_bytes, tmp_path, tensor, ggml_type, type_name, abort_text):
+    # i32 has f32's size, and the last tensor's size moves no other offset: the file stays
+    # consistent, llama.cpp loads it and then has no kernel for it
     lay = gguf_fuzz.Layout(seed_bytes)
-    t = next(t for t in lay.tensors if t["name"] == tensor)
-    path = tmp_path / "i32.gguf"
-    path.write_bytes(gguf_fuzz.put(seed_bytes, t["type_off"], "<i", 26))
-    assert_precheck_refuses_what_llama_cpp_aborts_on(path, "is of type i32", signal_text)
+    t = lay.tensors[tensor] if isinstance(tensor, int) else next(t for t in lay.tensors if t["name"] == tensor)
+    path = tmp_path / f"{type_name}.gguf"
+    path.write_bytes(gguf_fuzz.put(seed_bytes, t["type_off"], "<i", ggml_type))
+    assert_precheck_refuses_what_llama_cpp_aborts_on(path, f"is of type {type_name}", abort_text)
 
 
 # -- the pre-check itself ------------------------------------------------------------------------

@@ -56,7 +56,8 @@ _TYPED_KEYS = {
 }
 
 
-_NOT_WEIGHT_TYPES = {24, 25, 26, 27, 28}           # i8, i16, i32, i64, f64
+# i8, i16, i32, i64, f64; and q8_1, q8_K: ggml's internal activation types, not storage types
+_NOT_WEIGHT_TYPES = {24, 25, 26, 27, 28, 9, 15}
 
 # String arrays whose contents the checks below need (the rest are only skipped over).
 _KEEP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"}
@@ -266,7 +267,7 @@ def _validate(r: _Reader) -> None:
         if ggml_type not in GGML_TYPES:
             r.fail(f"tensor '{name}' has invalid or unsupported ggml type {ggml_type}")
         type_name, block, type_size = GGML_TYPES[ggml_type]
-        # ggml's CPU kernels have no matrix product or norm for integer/f64 data: llama.cpp loads
+        # ggml's CPU kernels have no matrix product or norm for these types: llama.cpp loads
         # such a weight and then crashes (SIGSEGV, or an abort in the scheduler) at the first decode
         if ggml_type in _NOT_WEIGHT_TYPES and name_raw.endswith((b".weight", b".bias")):
             r.fail(f"tensor '{name}' is of type {type_name}, which llama.cpp cannot compute with")

@@ -379,7 +379,7 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocation(model):
         pytest.skip("no /proc/meminfo here")
     n_ctx = 2 ** 31 - 256                      # 2 layers x 32 x 2 x f32: ~1 TiB of cache
     t0 = time.perf_counter()
-    with pytest.raises(MemoryError, match=r"KV cache for n_ctx=\d+ needs [\d.]+ GiB"):
+    with pytest.raises(alpaca2.OutOfMemoryError, match=r"KV cache for n_ctx=\d+ needs [\d.]+ GiB"):
         alpaca2.Context(model, n_ctx=n_ctx, type_k="f32", type_v="f32", n_threads=1)
     assert time.perf_counter() - t0 < 1
 

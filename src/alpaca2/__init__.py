@@ -22,7 +22,8 @@ from alpaca2.chat import (
 )
 from alpaca2.errors import (
     Alpaca2Error, ClosedError, ContextFullError, DecodeAborted, DecodeError, GrammarError,
-    ModelLoadError, RPCServerError, SamplerError, StateError, TokenizeError, VocabMismatchError,
+    ModelLoadError, OutOfMemoryError, RPCServerError, SamplerError, StateError, TokenizeError,
+    VocabMismatchError,
 )
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ import numpy as np
 
 from alpaca2.errors import (
     Alpaca2Error, ModelLoadError, ContextFullError, DecodeError, DecodeAborted, ClosedError,
-    TokenizeError, StateError, GrammarError, SamplerError, VocabMismatchError, RPCServerError,
+    TokenizeError, StateError, GrammarError, SamplerError, VocabMismatchError, OutOfMemoryError, RPCServerError,
 )
 
 cnp.import_array()
@@ -935,7 +935,7 @@ cdef class Context:
             kv_bytes = int(n_ctx_kv * model.n_layer * head_dim_kv * (per_elem[type_k] + per_elem[type_v]))
             avail = available_memory()
             if avail is not None and kv_bytes > avail:
-                raise MemoryError(
+                raise OutOfMemoryError(
                     f"a KV cache for n_ctx={n_ctx_kv} needs {kv_bytes / 2**30:.1f} GiB "
                     f"({model.n_layer} layers x {head_dim_kv} x 2, {type_k}/{type_v}), but only "
                     f"{avail / 2**30:.1f} GiB of memory is available: use a smaller n_ctx or "

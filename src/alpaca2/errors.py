@@ -44,6 +44,7 @@ class SamplerError(Alpaca2Error, RuntimeError):
 __all__ = [
     "Alpaca2Error", "ModelLoadError", "ContextFullError", "DecodeError", "DecodeAborted",
     "ClosedError", "TokenizeError", "StateError", "GrammarError", "SamplerError", "VocabMismatchError",
+    "OutOfMemoryError",
     "RPCServerError",
 ]
 
@@ -54,3 +55,7 @@ class VocabMismatchError(Alpaca2Error, ValueError):
 
 class RPCServerError(Alpaca2Error, ConnectionError):
     """An RPC server holding part of a model has gone (llama.cpp's RPC backend, alpaca2.rpc)."""
+
+
+class OutOfMemoryError(Alpaca2Error, MemoryError):
+    """What was asked for (a KV cache for n_ctx tokens) cannot fit in this machine's memory."""

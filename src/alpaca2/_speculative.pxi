@@ -268,6 +268,9 @@ cdef class Speculator:
             self.draft._check()
         if <int>self.hist.size() > self.target._n_ctx:
             raise ContextFullError(f"the context is full (n_ctx={self.target._n_ctx})")
+        self.target.model.check_rpc()         # a server that has gone: an exception, not an abort
+        if self.draft is not None:
+            self.draft.model.check_rpc()
         if self.draft is None:
             with self.target._lock:
                 return self._step(max_new)

@@ -86,7 +86,7 @@ def cmd_lookup(args, argv):
                          sp["acceptance_rate"], sp["tokens_per_step"], shared[-1]))
         spec.close()
     plain.close()
-    out = header("Prompt-lookup decoding vs plain decoding (greedy, identical output)", argv)
+    out = header("Prompt-lookup decoding vs plain decoding (greedy)", argv)
     out += [f"model: {os.path.basename(path)}, {args.n} tokens per run, median of {args.rounds} "
             f"interleaved rounds, {args.threads} threads", "",
             "| n_draft | prompt | plain tok/s | lookup tok/s | speedup | acceptance | tokens/step | same tokens as plain |",

@@ -43,6 +43,54 @@ VARIANT_HOOK = (
 )
 
 
+# llama.cpp's RPC client aborts the process when a server's connection breaks (GGML_ABORT in the
+# thread that talks to the server, while the caller waits on it).  With this change that thread
+# completes every message instead (outputs zeroed, later sends skipped); alpaca2 checks the
+# model's connections after each decode and raises RPCServerError in place of the result.
+RPC_FILE = "ggml/src/ggml-rpc/ggml-rpc.cpp"
+RPC_PATCHES = (
+    ("void rpc_dispatcher::work() {\n    while (running) {\n",
+     "void rpc_dispatcher::work() {\n"
+     "    // alpaca2: a broken connection completes every message (outputs zeroed) instead of aborting\n"
+     "    bool alpaca2_failed = false;\n"
+     "    while (running) {\n"),
+    ("                bool status = send_rpc_cmd(sock, msg_ptr->cmd, msg_ptr->input.get(), msg_ptr->input_size, "
+     "msg_ptr->output, msg_ptr->output_size);\n"
+     "                RPC_STATUS_ASSERT(status);\n",
+     "                bool status = !alpaca2_failed && send_rpc_cmd(sock, msg_ptr->cmd, msg_ptr->input.get(), "
+     "msg_ptr->input_size, msg_ptr->output, msg_ptr->output_size);\n"
+     "                if (!status) {\n"
+     "                    memset(msg_ptr->output, 0, msg_ptr->output_size);\n"
+     "                    alpaca2_failed = true;\n"
+     "                }\n"),
+    ("                bool status = send_rpc_cmd(sock, msg_ptr->cmd, msg_ptr->input.get(), msg_ptr->input_size);\n"
+     "                RPC_STATUS_ASSERT(status);\n",
+     "                bool status = !alpaca2_failed && send_rpc_cmd(sock, msg_ptr->cmd, msg_ptr->input.get(), "
+     "msg_ptr->input_size);\n"
+     "                alpaca2_failed = alpaca2_failed || !status;\n"),
+)
+PATCH_MARK = "patches=cpu-variants,rpc-dispatcher"
+
+
+def apply_patches(tree: Path) -> None:
+    """alpaca2's changes to the llama.cpp tree; idempotent (a patched file is left alone)."""
+    cmake = tree / "ggml" / "src" / "CMakeLists.txt"
+    text = cmake.read_text()
+    if VARIANT_HOOK_ANCHOR in text and VARIANT_HOOK not in text:
+        cmake.write_text(text.replace(VARIANT_HOOK_ANCHOR, VARIANT_HOOK_ANCHOR + VARIANT_HOOK, 1))
+    rpc = tree / RPC_FILE
+    if rpc.exists():
+        text = rpc.read_text()
+        if "alpaca2_failed" not in text:
+            for old, new in RPC_PATCHES:
+                if text.count(old) != 1:
+                    raise FetchError(f"{rpc}: the RPC client is not the one alpaca2 knows how to patch")
+                text = text.replace(old, new)
+            rpc.write_text(text)
+    stamp = tree / STAMP
+    stamp.write_text(f"commit={LLAMA_CPP_COMMIT}\nsdist={SDIST_FILE}\nsha256={SDIST_SHA256}\n{PATCH_MARK}\n")
+
+
 class FetchError(Exception):
     pass
 
@@ -119,13 +167,7 @@ def extract(archive: Path, dest: Path) -> None:
             tar.extractall(tmp, members=members, filter="data")
         if not (tmp / "include" / "llama.h").exists():
             raise FetchError(f"{archive} holds no llama.cpp tree under {TREE_PREFIX}")
-        cmake = tmp / "ggml" / "src" / "CMakeLists.txt"
-        text = cmake.read_text()
-        if VARIANT_HOOK_ANCHOR in text:
-            cmake.write_text(text.replace(VARIANT_HOOK_ANCHOR, VARIANT_HOOK_ANCHOR + VARIANT_HOOK, 1))
-        (tmp / STAMP).write_text(
-            f"commit={LLAMA_CPP_COMMIT}\nsdist={SDIST_FILE}\nsha256={SDIST_SHA256}\n"
-        )
+        apply_patches(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -136,6 +178,8 @@ def extract(archive: Path, dest: Path) -> None:
 
 def fetch(dest: Path, archive: Path | None = None, force: bool = False) -> Path:
     if (dest / STAMP).exists() and not force:
+        if PATCH_MARK not in (dest / STAMP).read_text():
+            apply_patches(dest)          # a tree fetched before a patch was added
         return dest
     if archive is None:
         archive = cache_dir() / SDIST_FILE

@@ -1182,6 +1182,10 @@ cdef class Context:
             if rc == 1:
                 raise ContextFullError("no KV-cache slot for the batch (the context is full or fragmented)")
             raise DecodeError(f"llama_decode failed with code {rc}")
+        if self.model._rpc is not None:
+            # a server that died during the decode: llama.cpp's RPC client (as alpaca2 patches it)
+            # completed the decode with zeros; the result is thrown away, the error raised
+            self.model._rpc.check()
         self._n_outputs = n if all_logits else 1
         # the batch positions that have outputs, for sample(ctx, idx) (llama.cpp's batch index)
         self._out_flags = None if all_logits else b"\x00" * ((n - 1) % n_batch) + b"\x01"
@@ -1227,6 +1231,8 @@ cdef class Context:
                 raise DecodeAborted("decode was aborted")
             if rc != 0:
                 raise DecodeError(f"llama_decode failed with code {rc}")
+            if self.model._rpc is not None:
+                self.model._rpc.check()       # a server that died during the decode (see _decode_tokens)
             self._all_logits = None
             self._n_outputs = n_out
             self._out_flags = PyBytes_FromStringAndSize(<char *>batch.batch.logits, n)

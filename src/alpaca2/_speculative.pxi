@@ -484,6 +484,9 @@ cdef class Speculator:
                 alpaca2_sigint_restore()
         T._n_outputs = 0          # the step's logits are not the user's: they span trimmed positions
         T._all_logits = None
+        T.model.check_rpc()       # a server that died during the step (see Context._decode_tokens)
+        if D is not None:
+            D.model.check_rpc()
         if err != _STEP_OK:
             llama_memory_seq_rm(T.mem, 0, n_past, -1)
             if D is not None:

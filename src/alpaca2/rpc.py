@@ -9,9 +9,10 @@ run graphs on it and read what it holds.  Private networks only (see docs/rpc.md
 llama.cpp's RPC client ends the process (GGML_ABORT) when a server cannot be reached or drops
 the connection.  This module keeps the cases it can away from that: a server is checked with
 the protocol's own HELLO before llama.cpp connects (ModelLoadError instead of an abort), and a
-model's connections are looked at before each decode (RPCServerError instead of an abort).
-A server that dies while a decode is waiting for it still ends the process: llama.cpp cannot
-return from there (docs/rpc.md).
+model's connections are looked at before and after each decode (RPCServerError instead of an
+abort).  A server that dies while a decode is waiting for it: alpaca2's patch to the client's
+dispatcher thread (vendor/fetch_llama_cpp.py) completes the decode with zeros instead of
+aborting, and the check after the decode raises (docs/rpc.md).
 """
 from __future__ import annotations
 

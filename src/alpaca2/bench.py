@@ -23,9 +23,10 @@ import time
 import numpy as np
 
 from alpaca2._core import Context, Model, Sampler, default_threads, devices, supports_gpu_offload
+from alpaca2.sampling import DEFAULT_SAMPLING
 
 GEN_PROMPT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。请把这首诗翻译成英文，并解释它的意思。"
-CHAT_SH_SAMPLING = dict(temp=0.5, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.1, penalty_last_n=64)
+CHAT_SH_SAMPLING = DEFAULT_SAMPLING
 
 
 def _tokens(model: Model, n: int, seed: int) -> list[int]:

@@ -51,7 +51,9 @@ import uuid
 import numpy as np
 
 from alpaca2._core import Batch, Context, Model, Sampler
-from alpaca2.chat import DEFAULT_SAMPLING, TextStream, choose_template
+from alpaca2.sampling import DEFAULT_SAMPLING
+from alpaca2.streaming import TextStream
+from alpaca2.templates import choose_template
 from alpaca2.errors import Alpaca2Error
 
 EXIT_OK, EXIT_ERROR, EXIT_MISSING_DEPENDENCY = 0, 1, 3

@@ -7,6 +7,8 @@ A B A B on the same model, threads and sampler chain.  The difference is the bin
     python benchmarks/step_overhead.py [--model M.gguf] [--steps 256] [--rounds 5] [--threads 2]
 
 Without --model it makes the tiny test model (where compute is small and the overhead shows).
+It also times ``ctx.logits`` (a copy of the last row per access, since issue 14: llama.cpp's
+buffer does not outlive close() or the next decode), which a loop that reads logits pays per token.
 """
 import argparse
 import json
@@ -92,6 +94,20 @@ def python_round(model, steps, n_threads):
     return dt / steps * 1e6
 
 
+def logits_copy_us(model, n_threads, reps=200):
+    """µs per ctx.logits access (one n_vocab float32 row copied), median of 5 batches of reps."""
+    ctx = alpaca2.Context(model, n_ctx=64, n_batch=64, n_threads=n_threads)
+    ctx.decode_token(model.bos)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            ctx.logits
+        times.append((time.perf_counter() - t0) / reps * 1e6)
+    ctx.close()
+    return statistics.median(times)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model")
@@ -113,12 +129,16 @@ def main(argv=None):
                                  capture_output=True, text=True, check=True).stdout
             c_us.append(float(out.split()[0]))
             py_us.append(python_round(model, args.steps, args.threads))
+        copy_us = logits_copy_us(model, args.threads)
+        n_vocab = model.n_vocab
     c_med, py_med = statistics.median(c_us), statistics.median(py_us)
     result = {"model": os.path.basename(path) if args.model else "tiny (alpaca2.testing)",
               "steps": args.steps, "rounds": args.rounds, "threads": args.threads,
               "c_us_per_step": round(c_med, 2), "python_us_per_step": round(py_med, 2),
               "overhead_us_per_step": round(py_med - c_med, 2),
-              "c_all": [round(x, 2) for x in c_us], "python_all": [round(x, 2) for x in py_us]}
+              "c_all": [round(x, 2) for x in c_us], "python_all": [round(x, 2) for x in py_us],
+              "n_vocab": n_vocab, "logits_copy_us": round(copy_us, 2),
+              "logits_copy_share_of_step": round(copy_us / py_med, 4)}
     if args.json:
         print(json.dumps(result))
     else:
@@ -126,6 +146,8 @@ def main(argv=None):
         print(f"C (llama.cpp API)      : {c_med:8.2f} us/step   {c_us}")
         print(f"alpaca2 (Python API)   : {py_med:8.2f} us/step   {py_us}")
         print(f"binding overhead       : {py_med - c_med:8.2f} us/step")
+        print(f"ctx.logits (copy)      : {copy_us:8.2f} us/access ({n_vocab} floats; "
+              f"{copy_us / py_med:.2%} of a step, paid only by loops that read logits)")
     return 0
 
 

@@ -140,14 +140,15 @@ def test_logits_match_when_fed_in_pieces_and_across_batches(tiny, model):
         assert rel_err(c2.logits, ref[pos - 1]) < 1e-3
 
 
-def test_logits_are_a_view_without_copy(ctx, model):
+def test_logits_are_an_array_of_their_own(ctx, model):
+    # llama.cpp's output buffer does not outlive close() or a larger decode: each access copies
     ctx.decode(model.tokenize("hello"))
     a = ctx.logits
     assert a.dtype == np.float32 and a.shape == (model.n_vocab,)
-    assert not a.flags.owndata and not a.flags.writeable
-    assert a.base is ctx                       # keeps the context alive
+    assert a.flags.owndata and a.base is None
     b = ctx.logits
-    assert a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    assert np.array_equal(a, b)
+    assert a.__array_interface__["data"][0] != b.__array_interface__["data"][0]
 
 
 def test_embeddings_mean_pooled_and_per_token(tiny, model):

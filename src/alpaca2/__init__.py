@@ -23,9 +23,9 @@ from alpaca2.templates import (
     DEFAULT_SYSTEM_PROMPT, Alpaca2Template, CompletionTemplate, ModelTemplate, Template, choose_template,
 )
 from alpaca2.errors import (
-    Alpaca2Error, ClosedError, ContextFullError, DecodeAborted, DecodeError, GrammarError,
-    ModelLoadError, OutOfMemoryError, RPCServerError, SamplerError, StateError, TokenizeError,
-    VocabMismatchError,
+    Alpaca2Error, ArgumentTypeError, ArgumentValueError, ClosedError, ContextFullError, DecodeAborted,
+    DecodeError, GrammarError, InvalidBatchError, ModelLoadError, OutOfMemoryError, RPCServerError,
+    SamplerError, StateError, TokenizeError, VocabMismatchError,
 )
 
 __version__ = "0.1.0"
@@ -97,10 +97,12 @@ _note_gpu_fallback()
 
 __all__ = [
     "Llama", "ChatSession", "Alpaca2Template", "ModelTemplate", "CompletionTemplate", "choose_template",
-    "DEFAULT_SYSTEM_PROMPT", "DEFAULT_SAMPLING", "Template", "TextStream", "Batch", "Context", "Model", "Sampler", "SamplerChain", "quantize", "system_info", "get_include",
-    "get_lib_dir", "get_pxd_dir", "backends", "devices", "set_log_level", "chat_apply_template",
-    "chat_builtin_templates", "default_threads", "print_system_info", "supports_gpu_offload", "supports_rpc",
-    "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",
-    "Alpaca2Error", "ClosedError", "ContextFullError", "DecodeAborted", "DecodeError", "GrammarError",
-    "ModelLoadError", "RPCServerError", "SamplerError", "StateError", "TokenizeError",
+    "DEFAULT_SYSTEM_PROMPT", "DEFAULT_SAMPLING", "Template", "TextStream",
+    "Batch", "Context", "Model", "Sampler", "SamplerChain", "Speculator", "check_draft_compatible",
+    "quantize", "system_info", "get_include", "get_lib_dir", "get_pxd_dir", "backends", "devices",
+    "set_log_level", "chat_apply_template", "chat_builtin_templates", "default_threads", "print_system_info",
+    "supports_gpu_offload", "supports_rpc", "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",
+    "Alpaca2Error", "ArgumentTypeError", "ArgumentValueError", "ClosedError", "ContextFullError",
+    "DecodeAborted", "DecodeError", "GrammarError", "InvalidBatchError", "ModelLoadError", "OutOfMemoryError",
+    "RPCServerError", "SamplerError", "StateError", "TokenizeError", "VocabMismatchError",
 ]

@@ -15,6 +15,9 @@ cdef class Model:
     cdef object _progress_error    # exception raised inside the progress callback
     cdef object _progress
     cdef object _rpc               # alpaca2.rpc.Connections when layers live on RPC servers, else None
+    cdef object _lock              # RLock: every call that touches ptr/vocab, and close()
+    cdef bint _closing             # close() has begun: no new dependents
+    cdef readonly bint vocab_only
     cdef object __weakref__
 
     cdef int _check(self) except -1
@@ -39,7 +42,7 @@ cdef class Context:
     cdef int _n_seq_max
     cdef bint _embeddings
     cdef int _flags                   # _ABORT (abort() was called) | _WATCH_SIGINT; read by the abort callback
-    cdef object _lock                 # one decode at a time per context
+    cdef object _lock                 # RLock: every call that touches ptr/mem, and close()
     cdef object _all_logits           # (n, n_vocab) float32 when decode(logits="all") spanned batches
     cdef int _n_outputs               # outputs of the last decode
     cdef bytes _out_flags             # per batch position of the last decode: has logits (None: all)
@@ -47,6 +50,7 @@ cdef class Context:
 
     cdef int _check(self) except -1
     cdef int _check_out(self, int idx) except -1
+    cdef void _outputs_after_load(self)
     cdef int _decode_tokens(self, const llama_token * tokens, int n, int seq_id, bint all_logits) except -1
 
 
@@ -54,9 +58,12 @@ cdef class SamplerChain:
     cdef llama_sampler * ptr
     cdef bint owner
     cdef list _names
+    cdef object _lock             # RLock: every call that touches ptr, and close()
+    cdef list _models             # Models whose vocabulary a stage points into (grammar, logit_bias)
     cdef object __weakref__
 
     cdef int _check(self) except -1
+    cdef int _check_selects(self) except -1
 
 
 cdef class Sampler(SamplerChain):

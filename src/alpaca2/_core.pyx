@@ -8,10 +8,10 @@ cimport cython
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.ref cimport Py_INCREF
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, strlen
+from libc.string cimport memcpy
+from libc.math cimport isnan
 
 from alpaca2._c.ggml cimport *
 from alpaca2._c.ggml_backend cimport *
@@ -30,17 +30,29 @@ import numpy as np
 from alpaca2.errors import (
     Alpaca2Error, ModelLoadError, ContextFullError, DecodeError, DecodeAborted, ClosedError,
     TokenizeError, StateError, GrammarError, SamplerError, VocabMismatchError, OutOfMemoryError, RPCServerError,
+    ArgumentTypeError, ArgumentValueError, InvalidBatchError,
 )
 
 cnp.import_array()
 
-# The sampler calls can throw C++ exceptions (the grammar sampler) through llama.cpp's C API.
+# The sampler and tokenizer calls can throw C++ exceptions through llama.cpp's C API.
 # Declared here with `except +` (this module is C++) so they become Python exceptions; the
 # public _c/llama.pxd keeps plain C declarations that C extensions can cimport.
 cdef extern from "llama.h" nogil:
     void sampler_accept_cpp "llama_sampler_accept"(llama_sampler * smpl, llama_token token) except +
     void sampler_apply_cpp "llama_sampler_apply"(llama_sampler * smpl, llama_token_data_array * cur_p) except +
     llama_token sampler_sample_cpp "llama_sampler_sample"(llama_sampler * smpl, llama_context * ctx, int32_t idx) except +
+    # the tokenizer allocates and indexes (std::bad_alloc, std::out_of_range) inside the C API too
+    int32_t tokenize_cpp "llama_tokenize"(const llama_vocab * vocab, const char * text, int32_t text_len,
+                                          llama_token * tokens, int32_t n_tokens_max, bint add_special,
+                                          bint parse_special) except +
+    int32_t token_to_piece_cpp "llama_token_to_piece"(const llama_vocab * vocab, llama_token token, char * buf,
+                                                      int32_t length, int32_t lstrip, bint special) except +
+    int32_t detokenize_cpp "llama_detokenize"(const llama_vocab * vocab, const llama_token * tokens,
+                                              int32_t n_tokens, char * text, int32_t text_len_max,
+                                              bint remove_special, bint unparse_special) except +
+    llama_sampler * sampler_init_grammar_cpp "llama_sampler_init_grammar"(
+        const llama_vocab * vocab, const char * grammar_str, const char * grammar_root) except +
 
 cdef extern from "_sigint.h" nogil:
     int alpaca2_sigint_install()

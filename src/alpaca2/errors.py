@@ -17,6 +17,10 @@ class DecodeError(Alpaca2Error, RuntimeError):
     """llama_decode failed."""
 
 
+class InvalidBatchError(DecodeError, ValueError):
+    """llama.cpp refused a batch as invalid (llama_decode returned -1)."""
+
+
 class DecodeAborted(DecodeError):
     """A decode was stopped by Context.abort() (Ctrl+C raises KeyboardInterrupt instead)."""
 
@@ -41,11 +45,18 @@ class SamplerError(Alpaca2Error, RuntimeError):
     """llama.cpp's sampler chain failed (e.g. logits longer than the vocabulary)."""
 
 
+class ArgumentTypeError(Alpaca2Error, TypeError):
+    """An argument of the wrong type (a float, str or complex where an int is needed, ...)."""
+
+
+class ArgumentValueError(Alpaca2Error, ValueError):
+    """An argument out of its range (a size, count, id or seed), or NaN where a number is needed."""
+
+
 __all__ = [
     "Alpaca2Error", "ModelLoadError", "ContextFullError", "DecodeError", "DecodeAborted",
     "ClosedError", "TokenizeError", "StateError", "GrammarError", "SamplerError", "VocabMismatchError",
-    "OutOfMemoryError",
-    "RPCServerError",
+    "OutOfMemoryError", "RPCServerError", "ArgumentTypeError", "ArgumentValueError", "InvalidBatchError",
 ]
 
 

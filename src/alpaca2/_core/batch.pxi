@@ -1,14 +1,19 @@
 # Batch: a llama_batch for decode_batch(). Included by _core.pyx.
 
 
+# the most tokens a Batch holds (llama.cpp allocates a seq_id array per token)
+MAX_BATCH = 1 << 20
+
+
 @cython.final
 cdef class Batch:
     """A llama_batch: tokens with positions, sequence ids and output flags, for decode_batch()."""
 
-    def __cinit__(self, int capacity=512, int n_seq_max=1):
+    def __cinit__(self, capacity=512, n_seq_max=1):
         self.owner = False
-        if capacity <= 0 or n_seq_max <= 0:
-            raise ValueError("capacity and n_seq_max must be positive")
+        # llama_batch_init neither checks its sizes (capacity + 1 overflows) nor its mallocs
+        capacity = _int_arg(capacity, "capacity", 1, MAX_BATCH)
+        n_seq_max = _int_arg(n_seq_max, "n_seq_max", 1, <int>llama_max_parallel_sequences())
         self.batch = llama_batch_init(capacity, 0, n_seq_max)
         if self.batch.token == NULL:
             raise MemoryError()
@@ -28,14 +33,17 @@ cdef class Batch:
     def clear(self):
         self.batch.n_tokens = 0
 
-    def add(self, int token, int pos, seq_ids=(0,), bint logits=False):
+    def add(self, token, pos, seq_ids=(0,), bint logits=False):
         """Append one token at position pos for the given sequence ids."""
         cdef int i = self.batch.n_tokens
         cdef int j
         if i >= self.capacity:
             raise IndexError(f"batch is full ({self.capacity} tokens)")
-        if isinstance(seq_ids, int):
+        token = _int_arg(token, "token", 0, 0x7fffffff)     # against the vocabulary at decode_batch()
+        pos = _int_arg(pos, "pos", 0, _POS_MAX)
+        if isinstance(seq_ids, (int, np.integer)):
             seq_ids = (seq_ids,)
+        seq_ids = [_int_arg(s, "seq_id", 0, <int>llama_max_parallel_sequences() - 1) for s in seq_ids]
         if not 0 < len(seq_ids) <= self.n_seq_max:
             raise ValueError(f"between 1 and {self.n_seq_max} sequence ids per token")
         self.batch.token[i] = token

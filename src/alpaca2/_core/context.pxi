@@ -16,6 +16,23 @@ _CACHE_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF
                 "q5_1": GGML_TYPE_Q5_1, "iq4_nl": GGML_TYPE_IQ4_NL}
 
 
+# the highest KV-cache position a shift or a Batch may name (room above it: no int32 wrap-around)
+_POS_MAX = 0x7fffffff - (1 << 24)
+
+
+def _state_checker():
+    """alpaca2._state_check (validates state blobs and files before llama.cpp reads them)."""
+    try:
+        from alpaca2 import _state_check
+    except ImportError:          # not merged yet (issue 14b): llama.cpp's own checks only
+        return None
+    return _state_check
+
+
+# ggml's GGML_MAX_N_THREADS: more threads than this end the process inside the thread pool
+MAX_THREADS = 512
+
+
 def default_threads():
     """Threads for generation: the physical cores this process may use (at least 1)."""
     try:
@@ -25,6 +42,7 @@ def default_threads():
     return max(1, n)
 
 
+@cython.no_gc_clear          # __dealloc__ reads self.model
 cdef class Context:
     """A llama.cpp context (KV cache + compute buffers) over a Model.
 
@@ -32,40 +50,63 @@ cdef class Context:
             flash_attn="auto", embeddings=False, ...)
 
     One thread at a time: calls from a second thread wait for the first (a lock per context).
+    ``n_threads`` is at most MAX_THREADS (512, ggml's limit).  Floating-point parameters (rope,
+    yarn) must be finite: NaN would make every logit NaN.
     """
 
     def __cinit__(self):
         self.ptr = NULL
         self.mem = NULL
         self._flags = 0
+        self._lock = threading.RLock()
 
-    def __init__(self, Model model not None, *, int n_ctx=4096, int n_batch=512, int n_ubatch=512,
-                 n_threads=None, n_threads_batch=None, int n_seq_max=1, flash_attn="auto",
+    def __init__(self, Model model not None, *, n_ctx=4096, n_batch=512, n_ubatch=512,
+                 n_threads=None, n_threads_batch=None, n_seq_max=1, flash_attn="auto",
                  bint embeddings=False, pooling=None, rope_freq_base=None, rope_freq_scale=None,
                  rope_scaling=None, yarn_ext_factor=None, yarn_attn_factor=None, yarn_beta_fast=None,
                  yarn_beta_slow=None, yarn_orig_ctx=None, type_k="f16", type_v="f16",
                  bint offload_kqv=True, bint kv_unified=True, bint swa_full=True, bint no_perf=False):
+        if self.ptr != NULL:
+            raise Alpaca2Error("Context.__init__ called twice")
         model._check()
-        if n_ctx < 0:
-            raise ValueError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx}")
-        if n_batch <= 0 or n_ubatch <= 0:
-            raise ValueError("n_batch and n_ubatch must be positive")
-        if n_seq_max <= 0 or n_seq_max > <int>llama_max_parallel_sequences():
-            raise ValueError(f"n_seq_max must be between 1 and {llama_max_parallel_sequences()}")
+        if model.vocab_only:
+            raise ModelLoadError(f"{model.path} was loaded with vocab_only=True: it has no weights to "
+                                 "make a Context from (load it again without vocab_only)")
+        # positions are int32 in llama.cpp: n_ctx (padded to 256) must stay below 2**31
+        n_ctx = _int_arg(n_ctx, "n_ctx", 0, 0x7fffff00)
+        n_batch = _int_arg(n_batch, "n_batch", 1, 0x7fffff00)
+        n_ubatch = _int_arg(n_ubatch, "n_ubatch", 1, 0x7fffff00)
+        n_seq_max = _int_arg(n_seq_max, "n_seq_max", 1, <int>llama_max_parallel_sequences())
         if flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
         if rope_scaling not in _ROPE_SCALING:
             raise ValueError(f"rope_scaling must be one of {list(_ROPE_SCALING)}, got {rope_scaling!r}")
         if pooling not in _POOLING:
             raise ValueError(f"pooling must be one of {list(_POOLING)}, got {pooling!r}")
+        if pooling == "rank":
+            arch = model.metadata.get("general.architecture")
+            if model.metadata.get(f"{arch}.pooling_type") != str(<int>LLAMA_POOLING_TYPE_RANK):
+                raise ArgumentValueError("pooling='rank' needs a reranker model (a classification head, "
+                                         "pooling_type rank in its GGUF); this model has none")
         if type_k not in _CACHE_TYPES or type_v not in _CACHE_TYPES:
             raise ValueError(f"type_k/type_v must be one of {list(_CACHE_TYPES)}")
         if n_threads is None:
             n_threads = default_threads()
         if n_threads_batch is None:
             n_threads_batch = n_threads
-        if n_threads <= 0 or n_threads_batch <= 0:
-            raise ValueError("n_threads must be positive")
+        n_threads = _int_arg(n_threads, "n_threads", 1, MAX_THREADS)
+        n_threads_batch = _int_arg(n_threads_batch, "n_threads_batch", 1, MAX_THREADS)
+        floats = {}
+        for name, v in (("rope_freq_base", rope_freq_base), ("rope_freq_scale", rope_freq_scale),
+                        ("yarn_ext_factor", yarn_ext_factor), ("yarn_attn_factor", yarn_attn_factor),
+                        ("yarn_beta_fast", yarn_beta_fast), ("yarn_beta_slow", yarn_beta_slow)):
+            if v is not None:
+                floats[name] = _float_arg(v, name)
+        for name in ("rope_freq_base", "rope_freq_scale"):
+            if floats.get(name, 1.0) < 0:
+                raise ArgumentValueError(f"{name} must be >= 0 (0 = the model's own), got {floats[name]}")
+        if yarn_orig_ctx is not None:
+            yarn_orig_ctx = _int_arg(yarn_orig_ctx, "yarn_orig_ctx", 0, 0x7fffff00)
         if n_ctx and n_ctx < n_batch:
             n_batch = n_ctx
         if n_ubatch > n_batch:
@@ -107,23 +148,29 @@ cdef class Context:
         p.type_k = _CACHE_TYPES[type_k]
         p.type_v = _CACHE_TYPES[type_v]
         if rope_freq_base is not None:
-            p.rope_freq_base = rope_freq_base
+            p.rope_freq_base = floats["rope_freq_base"]
         if rope_freq_scale is not None:
-            p.rope_freq_scale = rope_freq_scale
+            p.rope_freq_scale = floats["rope_freq_scale"]
         if yarn_ext_factor is not None:
-            p.yarn_ext_factor = yarn_ext_factor
+            p.yarn_ext_factor = floats["yarn_ext_factor"]
         if yarn_attn_factor is not None:
-            p.yarn_attn_factor = yarn_attn_factor
+            p.yarn_attn_factor = floats["yarn_attn_factor"]
         if yarn_beta_fast is not None:
-            p.yarn_beta_fast = yarn_beta_fast
+            p.yarn_beta_fast = floats["yarn_beta_fast"]
         if yarn_beta_slow is not None:
-            p.yarn_beta_slow = yarn_beta_slow
+            p.yarn_beta_slow = floats["yarn_beta_slow"]
         if yarn_orig_ctx is not None:
             p.yarn_orig_ctx = yarn_orig_ctx
         p.abort_callback = _abort_callback
         p.abort_callback_data = <void *>&self._flags
-        with nogil:
-            self.ptr = llama_init_from_model(model.ptr, p)
+        cdef llama_model * c_model
+        with model._lock:                    # the model is not freed under us; close() sees us
+            model._check()
+            c_model = model.ptr
+            with nogil:
+                self.ptr = llama_init_from_model(c_model, p)
+            if self.ptr != NULL:
+                model._dependents.add(self)
         if self.ptr == NULL:
             raise Alpaca2Error(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
@@ -135,10 +182,8 @@ cdef class Context:
         self._n_seq_max = llama_n_seq_max(self.ptr)
         self._embeddings = embeddings
         self._batch = Batch(self._n_batch, 1)
-        self._lock = threading.Lock()
         self._all_logits = None
         self._n_outputs = 0
-        model._dependents.add(self)
         if model._rpc is not None:
             model._rpc.refresh()             # a context may open connections the load did not
 
@@ -163,8 +208,6 @@ cdef class Context:
 
     def close(self):
         """Free the context.  Safe to call twice; waits for a decode running in another thread."""
-        if self.ptr == NULL:
-            return
         with self._lock:
             if self.ptr != NULL:
                 if not self.model._rpc_gone():    # else left allocated: llama.cpp would abort
@@ -172,6 +215,8 @@ cdef class Context:
                         llama_free(self.ptr)
                 self.ptr = NULL
                 self.mem = NULL
+                self._n_outputs = 0
+                self._all_logits = None
 
     def __dealloc__(self):
         if self.ptr != NULL:
@@ -180,7 +225,8 @@ cdef class Context:
             self.ptr = NULL
 
     def __enter__(self):
-        self._check()
+        with self._lock:
+            self._check()
         return self
 
     def __exit__(self, *exc):
@@ -196,23 +242,27 @@ cdef class Context:
 
     @property
     def n_ctx(self):
-        self._check()
-        return self._n_ctx
+        with self._lock:
+            self._check()
+            return self._n_ctx
 
     @property
     def n_batch(self):
-        self._check()
-        return self._n_batch
+        with self._lock:
+            self._check()
+            return self._n_batch
 
     @property
     def n_ubatch(self):
-        self._check()
-        return llama_n_ubatch(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_n_ubatch(self.ptr)
 
     @property
     def n_seq_max(self):
-        self._check()
-        return self._n_seq_max
+        with self._lock:
+            self._check()
+            return self._n_seq_max
 
     @property
     def n_vocab(self):
@@ -220,27 +270,33 @@ cdef class Context:
 
     @property
     def n_threads(self):
-        self._check()
-        return llama_n_threads(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_n_threads(self.ptr)
 
-    def set_n_threads(self, int n_threads, n_threads_batch=None):
-        self._check()
-        if n_threads <= 0:
-            raise ValueError("n_threads must be positive")
-        llama_set_n_threads(self.ptr, n_threads, n_threads if n_threads_batch is None else n_threads_batch)
+    def set_n_threads(self, n_threads, n_threads_batch=None):
+        n_threads = _int_arg(n_threads, "n_threads", 1, MAX_THREADS)
+        n_threads_batch = n_threads if n_threads_batch is None else _int_arg(
+            n_threads_batch, "n_threads_batch", 1, MAX_THREADS)
+        with self._lock:
+            self._check()
+            llama_set_n_threads(self.ptr, n_threads, n_threads_batch)
 
-    def _check_seq(self, int seq_id):
+    def _check_seq(self, seq_id):
+        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
+            raise ArgumentTypeError(f"seq_id must be an int, not {type(seq_id).__name__}")
         if seq_id < 0 or seq_id >= self._n_seq_max:
-            raise ValueError(f"seq_id {seq_id} is out of range (n_seq_max={self._n_seq_max})")
+            raise ArgumentValueError(f"seq_id {seq_id} is out of range (n_seq_max={self._n_seq_max})")
 
-    def n_past(self, int seq_id=0):
+    def n_past(self, seq_id=0):
         """Number of positions held in the KV cache for seq_id (the next position to decode)."""
-        self._check()
-        self._check_seq(seq_id)
-        return llama_memory_seq_pos_max(self.mem, seq_id) + 1
+        with self._lock:
+            self._check()
+            self._check_seq(seq_id)
+            return <int64_t>llama_memory_seq_pos_max(self.mem, seq_id) + 1
 
     # -- decoding -----------------------------------------------------------------------------
-    def decode(self, tokens, int seq_id=0, logits="last"):
+    def decode(self, tokens, seq_id=0, logits="last"):
         """Decode tokens at the end of sequence seq_id.
 
         Input longer than n_batch is split into n_batch chunks.  ``logits="last"`` keeps the
@@ -249,10 +305,9 @@ cdef class Context:
         tokens do not fit, DecodeAborted after abort(), KeyboardInterrupt on Ctrl+C; in every
         error case the KV cache is left as it was before the call.
         """
-        self._check()
-        self._check_seq(seq_id)
         if logits not in ("last", "all", None):
             raise ValueError(f"logits must be 'last', 'all' or None, got {logits!r}")
+        self._check_seq(seq_id)
         cdef cnp.ndarray arr = _token_array(tokens, self._n_vocab)
         cdef int n = arr.shape[0]
         if n == 0:
@@ -264,29 +319,29 @@ cdef class Context:
                 self._n_outputs = 0
 
     cdef int _decode_tokens(self, const llama_token * tokens, int n, int seq_id, bint all_logits) except -1:
+        # the caller holds self._lock and has checked self.ptr, the tokens and seq_id
         if self.model._rpc is not None:
             self.model._rpc.check()          # a server that has gone: an exception, not llama.cpp's abort
-        cdef int n_past = llama_memory_seq_pos_max(self.mem, seq_id) + 1
-        if n_past + n > self._n_ctx:
+        cdef int64_t pos_max = llama_memory_seq_pos_max(self.mem, seq_id)
+        if pos_max + 1 + n > self._n_ctx:
             raise ContextFullError(
-                f"{n} tokens do not fit: {n_past} of n_ctx={self._n_ctx} positions are in use "
+                f"{n} tokens do not fit: {pos_max + 1} of n_ctx={self._n_ctx} positions are in use "
                 f"(sequence {seq_id}); use a larger n_ctx or drop old tokens")
+        cdef int n_past = <int>(pos_max + 1)
         cdef llama_batch * b = &self._batch.batch
         cdef int start = 0, chunk, i, rc = 0
         cdef int n_batch = self._n_batch
-        cdef bint sigint = False
         cdef bint many = all_logits and n > n_batch
+        cdef bint rolled_back = True
         cdef float * src
         cdef float * dst = NULL
         cdef cnp.ndarray all_out
         self._all_logits = None
+        self._n_outputs = 0
         if many:
             all_out = np.empty((n, self._n_vocab), dtype=np.float32)
             dst = <float *>cnp.PyArray_DATA(all_out)
-        if PyThread_get_thread_ident() == _main_thread_ident:
-            sigint = alpaca2_sigint_install()
-            if sigint:
-                self._flags |= _WATCH_SIGINT
+        cdef bint sigint = _decode_begin(&self._flags)
         try:
             with nogil:
                 while start < n:
@@ -310,25 +365,13 @@ cdef class Context:
                         memcpy(dst + <size_t>start * self._n_vocab, src,
                                <size_t>chunk * self._n_vocab * sizeof(float))
                     start += chunk
+                if rc != 0:
+                    # leave the cache as it was: drop whatever part of this call reached it
+                    rolled_back = _rollback(self.mem, seq_id, n_past)
         finally:
-            if sigint:
-                self._flags &= ~_WATCH_SIGINT
-                alpaca2_sigint_restore()
+            _decode_end(&self._flags, sigint)
         if rc != 0:
-            # leave the cache as it was: drop whatever part of this call reached it
-            llama_memory_seq_rm(self.mem, seq_id, n_past, -1)
-            self._n_outputs = 0
-            aborted_by_user = (self._flags & _ABORT) != 0
-            self._flags &= ~_ABORT
-            if rc == 2:
-                if sigint and alpaca2_sigint_pending():
-                    alpaca2_sigint_clear()
-                    PyErr_CheckSignals()   # runs Python's handler: KeyboardInterrupt by default
-                    raise KeyboardInterrupt
-                raise DecodeAborted("decode was aborted" + (" by Context.abort()" if aborted_by_user else ""))
-            if rc == 1:
-                raise ContextFullError("no KV-cache slot for the batch (the context is full or fragmented)")
-            raise DecodeError(f"llama_decode failed with code {rc}")
+            _raise_decode(rc, &self._flags, sigint, rolled_back, "")
         if self.model._rpc is not None:
             # a server that died during the decode: llama.cpp's RPC client (as alpaca2 patches it)
             # completed the decode with zeros; the result is thrown away, the error raised
@@ -340,55 +383,67 @@ cdef class Context:
             self._all_logits = all_out
         return 0
 
-    def decode_token(self, int token, int seq_id=0):
+    def decode_token(self, token, int seq_id=0):
         """Decode one token at the end of seq_id (the generation hot path: no array conversion)."""
-        self._check()
-        if token < 0 or token >= self._n_vocab:
-            raise TokenizeError(f"token id {token} is out of range for a vocabulary of {self._n_vocab} tokens")
+        cdef llama_token tok = _token_arg(token, self._n_vocab)
         if seq_id < 0 or seq_id >= self._n_seq_max:
             self._check_seq(seq_id)
-        cdef llama_token tok = token
         with self._lock:
             self._check()
             self._decode_tokens(&tok, 1, seq_id, False)
 
     def decode_batch(self, Batch batch not None):
-        """Decode a hand-built Batch (several sequences, explicit positions) in one llama_decode."""
-        self._check()
-        cdef int rc, i, n = batch.batch.n_tokens
+        """Decode a hand-built Batch (several sequences, explicit positions) in one llama_decode.
+
+        As decode(): on an error (including abort() and Ctrl+C) the positions the batch wrote are
+        dropped again, so the KV cache is left as it was before the call."""
+        cdef int rc = 0, i, j, s, n = batch.batch.n_tokens
+        cdef bint rolled_back = True, sigint
         if n == 0:
             raise ValueError("the batch is empty")
         if n > self._n_batch:
             raise ValueError(f"the batch has {n} tokens, more than n_batch={self._n_batch}")
         n_out = 0
+        first_pos = {}                       # per sequence: the lowest position the batch writes
         for i in range(n):
             if batch.batch.token[i] < 0 or batch.batch.token[i] >= self._n_vocab:
                 raise TokenizeError(f"token id {batch.batch.token[i]} is out of range")
+            if batch.batch.pos[i] < 0 or batch.batch.pos[i] > 0x7fffffff - n:
+                raise ArgumentValueError(f"position {batch.batch.pos[i]} is out of range")
             for j in range(batch.batch.n_seq_id[i]):
-                self._check_seq(batch.batch.seq_id[i][j])
+                s = batch.batch.seq_id[i][j]
+                self._check_seq(s)
+                first_pos[s] = min(first_pos.get(s, batch.batch.pos[i]), batch.batch.pos[i])
             n_out += batch.batch.logits[i] != 0
         with self._lock:
             self._check()
-            with nogil:
-                rc = llama_decode(self.ptr, batch.batch)
-            if rc == 1:
-                raise ContextFullError("no KV-cache slot for the batch")
-            if rc == 2:
-                self._flags &= ~_ABORT
-                raise DecodeAborted("decode was aborted")
+            if self.model._rpc is not None:
+                self.model._rpc.check()
+            self._all_logits = None
+            self._n_outputs = 0
+            sigint = _decode_begin(&self._flags)
+            try:
+                with nogil:
+                    rc = llama_decode(self.ptr, batch.batch)
+                if rc != 0:
+                    for s, p0 in first_pos.items():
+                        if not _rollback(self.mem, s, p0):
+                            rolled_back = False
+            finally:
+                _decode_end(&self._flags, sigint)
             if rc != 0:
-                raise DecodeError(f"llama_decode failed with code {rc}")
+                _raise_decode(rc, &self._flags, sigint, rolled_back, "")
             if self.model._rpc is not None:
                 self.model._rpc.check()       # a server that died during the decode (see _decode_tokens)
-            self._all_logits = None
             self._n_outputs = n_out
             self._out_flags = PyBytes_FromStringAndSize(<char *>batch.batch.logits, n)
 
     def synchronize(self):
         """Wait for queued work (a GPU backend computes asynchronously) to finish."""
-        self._check()
-        with nogil:
-            llama_synchronize(self.ptr)
+        with self._lock:
+            self._check()
+            with nogil:
+                llama_synchronize(self.ptr)
 
     def abort(self):
         """Ask a decode running in another thread to stop (it raises DecodeAborted)."""
@@ -396,14 +451,15 @@ cdef class Context:
 
     @property
     def logits(self):
-        """Logits of the last decoded position: float32 numpy view (n_vocab,), no copy.
+        """Logits of the last decoded position: a float32 numpy array (n_vocab,) of its own.
 
-        The view shows llama.cpp's output buffer; it is valid until the next decode.
+        A copy per access (llama.cpp's buffer does not outlive close() or the next decode);
+        samplers read the logits in C and never make one.
         """
         return _logits_at(self, -1, True)
 
     def logits_at(self, int i):
-        """Logits of output i of the last decode (negative i counts from the end)."""
+        """Logits of output i of the last decode (negative i counts from the end), copied."""
         return _logits_at(self, i, False)
 
     @property
@@ -411,55 +467,77 @@ cdef class Context:
         """Embedding of sequence 0 (pooled) or of the last token (no pooling), float32 (n_embd,)."""
         return _embeddings_seq(self, 0)
 
-    def embeddings_seq(self, int seq_id=0):
+    def embeddings_seq(self, seq_id=0):
+        """Embedding of sequence seq_id (pooled contexts), copied; see ``embeddings``."""
         return _embeddings_seq(self, seq_id)
 
     # -- memory (KV cache) ----------------------------------------------------------------------
     def clear(self):
         """Empty the KV cache of every sequence."""
-        self._check()
         with self._lock:
+            self._check()
             llama_memory_clear(self.mem, True)
             self._n_outputs = 0
+            self._all_logits = None
 
-    def seq_rm(self, int seq_id=0, int p0=0, int p1=-1):
+    def seq_rm(self, seq_id=0, p0=0, p1=-1):
         """Remove positions [p0, p1) of seq_id (p1=-1: to the end; seq_id=-1: every sequence)."""
-        self._check()
-        if seq_id != -1:
-            self._check_seq(seq_id)
+        p0 = _int_arg(p0, "p0", 0, _POS_MAX)
+        p1 = _int_arg(p1, "p1", -1, _POS_MAX)
         with self._lock:
+            self._check()
+            if seq_id != -1:
+                self._check_seq(seq_id)
             if not llama_memory_seq_rm(self.mem, seq_id, p0, p1):
                 raise ValueError(f"cannot remove positions [{p0}, {p1}) of sequence {seq_id}")
 
-    def seq_cp(self, int src, int dst, int p0=0, int p1=-1):
-        self._check()
-        self._check_seq(src)
-        self._check_seq(dst)
+    def seq_cp(self, src, dst, p0=0, p1=-1):
+        """Copy positions [p0, p1) of sequence src to sequence dst (shares the cells)."""
+        p0 = _int_arg(p0, "p0", 0, _POS_MAX)
+        p1 = _int_arg(p1, "p1", -1, _POS_MAX)
         with self._lock:
+            self._check()
+            self._check_seq(src)
+            self._check_seq(dst)
             llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
-    def seq_keep(self, int seq_id):
-        self._check()
-        self._check_seq(seq_id)
+    def seq_keep(self, seq_id):
+        """Drop every sequence but seq_id."""
         with self._lock:
+            self._check()
+            self._check_seq(seq_id)
             llama_memory_seq_keep(self.mem, seq_id)
 
-    def seq_add(self, int seq_id, int p0, int p1, int delta):
+    def seq_add(self, seq_id, p0, p1, delta):
         """Shift positions [p0, p1) of seq_id by delta (context shift)."""
-        self._check()
-        self._check_seq(seq_id)
-        if not llama_memory_can_shift(self.mem):
-            raise ValueError("this model's memory cannot be shifted")
+        p0 = _int_arg(p0, "p0", 0, _POS_MAX)
+        p1 = _int_arg(p1, "p1", -1, _POS_MAX)
+        delta = _int_arg(delta, "delta", -_POS_MAX, _POS_MAX)
         with self._lock:
+            self._check()
+            self._check_seq(seq_id)
+            if not llama_memory_can_shift(self.mem):
+                raise ValueError("this model's memory cannot be shifted")
+            pos_max = llama_memory_seq_pos_max(self.mem, seq_id)
+            if pos_max + delta > _POS_MAX:
+                raise ArgumentValueError(f"shifting by {delta} would move position {pos_max} past {_POS_MAX}")
             llama_memory_seq_add(self.mem, seq_id, p0, p1, delta)
 
     # -- state ------------------------------------------------------------------------------------
+    cdef void _outputs_after_load(self):
+        # this llama.cpp's state is the model's arch and the KV cache (llama_context::state_read_data),
+        # no logits: what the output buffer holds now belongs to an earlier decode. Decode the next
+        # token before sampling (ChatSession saves every token but the last for that reason).
+        self._out_flags = None
+        self._all_logits = None
+        self._n_outputs = 0
+
     def save_state(self):
         """The whole context state (KV cache, logits, RNG) as bytes."""
-        self._check()
         cdef size_t size, n
         cdef uint8_t * dst
         with self._lock:
+            self._check()
             size = llama_state_get_size(self.ptr)
             data = PyBytes_FromStringAndSize(NULL, size)
             dst = <uint8_t *>PyBytes_AS_STRING(data)
@@ -470,23 +548,28 @@ cdef class Context:
         return data
 
     def load_state(self, const unsigned char[::1] data not None):
-        """Restore a state made by save_state() on a context of the same model and size."""
-        self._check()
+        """Restore a state made by save_state() on a context of the same model and size.
+
+        The blob is checked (header, sizes against its length, the model and n_ctx it belongs
+        to) before llama.cpp reads it: a damaged or foreign one raises StateError.  A state holds
+        the KV cache, not logits: decode the next token before sampling or reading ``logits``."""
         cdef size_t n, size = data.shape[0]
         if size == 0:
             raise StateError("empty state")
+        check = _state_checker()
         with self._lock:
+            self._check()
+            if check is not None:
+                check.check_state(bytes(data), check.expectations(self))
             with nogil:
                 n = llama_state_set_data(self.ptr, &data[0], size)
             if n == 0:
+                self._n_outputs = 0
                 raise StateError("the state does not fit this context (another model or n_ctx?)")
-            self._n_outputs = 1
-            self._out_flags = None
-            self._all_logits = None
+            self._outputs_after_load()
 
     def save_state_file(self, path, tokens=()):
         """Write the state (and the tokens it holds) to path atomically (temp file + rename)."""
-        self._check()
         cdef cnp.ndarray arr = _token_array(tokens, self._n_vocab)
         path = os.fspath(path)
         # a name of its own per call (two threads may save to one path), in the target's folder
@@ -496,6 +579,7 @@ cdef class Context:
         cdef bint ok
         try:
             with self._lock:
+                self._check()
                 with nogil:
                     ok = llama_state_save_file(self.ptr, c_tmp_p, <const llama_token *>cnp.PyArray_DATA(arr),
                                                arr.shape[0])
@@ -516,34 +600,43 @@ cdef class Context:
             raise
 
     def load_state_file(self, path):
-        """Restore a state written by save_state_file; returns the tokens saved with it."""
-        self._check()
+        """Restore a state written by save_state_file; returns the tokens saved with it.
+
+        Only a regular file is opened (a FIFO would block); it is checked as load_state's blob."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise StateError(f"no state file at {path}")
+        from alpaca2._files import check_regular_file
+        check_regular_file(path, "state file", StateError)
+        check = _state_checker()
         cdef bytes c_path = os.fsencode(path)
         cdef const char * c_path_p = c_path
-        cdef size_t cap = self._n_ctx, n_out = 0
-        cdef cnp.ndarray out = np.empty(max(cap, 1), dtype=np.int32)
+        cdef size_t cap, n_out = 0
+        cdef cnp.ndarray out
         cdef bint ok
         with self._lock:
+            self._check()
+            if check is not None:
+                check.check_state_file(path, check.expectations(self))
+            cap = self._n_ctx
+            out = np.empty(max(cap, 1), dtype=np.int32)
             with nogil:
                 ok = llama_state_load_file(self.ptr, c_path_p, <llama_token *>cnp.PyArray_DATA(out), cap, &n_out)
             if not ok:
+                self._n_outputs = 0
                 raise StateError(f"could not load the state from {path} (another model or n_ctx, or a damaged file)")
-            self._n_outputs = 1
-            self._out_flags = None
-            self._all_logits = None
+            self._outputs_after_load()
         return out[:n_out].tolist()
 
     def perf(self):
         """llama.cpp's own timings for this context (ms and counts)."""
-        self._check()
-        llama_synchronize(self.ptr)     # counts are booked when queued work completes
-        cdef llama_perf_context_data d = llama_perf_context(self.ptr)
-        return {"t_load_ms": d.t_load_ms, "t_p_eval_ms": d.t_p_eval_ms, "t_eval_ms": d.t_eval_ms,
-                "n_p_eval": d.n_p_eval, "n_eval": d.n_eval, "n_reused": d.n_reused}
+        cdef llama_perf_context_data d
+        with self._lock:
+            self._check()
+            llama_synchronize(self.ptr)     # counts are booked when queued work completes
+            d = llama_perf_context(self.ptr)
+            return {"t_load_ms": d.t_load_ms, "t_p_eval_ms": d.t_p_eval_ms, "t_eval_ms": d.t_eval_ms,
+                    "n_p_eval": d.n_p_eval, "n_eval": d.n_eval, "n_reused": d.n_reused}
 
     def perf_reset(self):
-        self._check()
-        llama_perf_context_reset(self.ptr)
+        with self._lock:
+            self._check()
+            llama_perf_context_reset(self.ptr)

@@ -19,10 +19,9 @@ cdef c_bool _progress_callback(float progress, void * user_data) noexcept with g
 
 def _check_gguf_file(path):
     """Cheap checks before llama.cpp sees the file, so the common mistakes get a clear message."""
-    if not os.path.exists(path):
-        raise _load_error(f"model file not found: {path}", 2, path)
-    if os.path.isdir(path):
-        raise _load_error(f"{path} is a directory, not a GGUF model file", 21, path)
+    # by stat() alone, before opening: a FIFO would block the open forever, a device never end
+    from alpaca2._files import check_regular_file
+    check_regular_file(path, "model file", ModelLoadError)
     try:
         with open(path, "rb") as f:
             head = f.read(24)
@@ -39,6 +38,7 @@ def _check_gguf_file(path):
     validate(path)
 
 
+@cython.no_gc_clear          # __dealloc__ reads self._rpc
 cdef class Model:
     """A GGUF model loaded by llama.cpp.
 
@@ -60,10 +60,19 @@ cdef class Model:
         self.vocab = NULL
         self._rpc = None
         self._dependents = weakref.WeakSet()
+        self._lock = threading.RLock()
+        self._closing = False
+        self.vocab_only = False
 
-    def __init__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
-                 bint vocab_only=False, progress=None, bint verbose=False, int main_gpu=0,
+    def __init__(self, path, *, n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
+                 bint vocab_only=False, progress=None, bint verbose=False, main_gpu=0,
                  bint check_tensors=False, rpc_servers=None, tensor_split=None, double rpc_timeout=5.0):
+        if self.ptr != NULL:
+            raise Alpaca2Error("Model.__init__ called twice")
+        n_gpu_layers = _int_arg(n_gpu_layers, "n_gpu_layers", -1, 0x7fffffff)
+        main_gpu = _int_arg(main_gpu, "main_gpu", 0, 0x7fffffff)
+        if not (rpc_timeout > 0 and math.isfinite(rpc_timeout)):
+            raise ArgumentValueError(f"rpc_timeout must be a positive number of seconds, got {rpc_timeout}")
         self.path = os.fspath(path)
         if isinstance(self.path, bytes):
             self.path = os.fsdecode(self.path)
@@ -76,7 +85,7 @@ cdef class Model:
         endpoints = rpc.parse_servers(rpc_servers)
         cdef size_t n_max_devices = llama_max_devices()
         cdef list devs = _rpc_model_devices(endpoints, rpc_timeout) if endpoints and not vocab_only else []
-        split = [float(x) for x in tensor_split] if tensor_split is not None else []
+        split = [_float_arg(x, "tensor_split") for x in tensor_split] if tensor_split is not None else []
         if tensor_split is not None:
             limit = len(devs) if devs else n_max_devices
             if len(split) > limit:
@@ -86,7 +95,7 @@ cdef class Model:
                 raise ValueError(f"tensor_split must be shares >= 0, not all zero; got {list(tensor_split)}")
         cdef ggml_backend_dev_t * c_devices = NULL
         cdef float * c_split = NULL
-        cdef size_t i
+        cdef size_t i, n_split
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.main_gpu = main_gpu
@@ -116,10 +125,13 @@ cdef class Model:
                 c_devices[len(devs)] = NULL       # the list is NULL-terminated
                 params.devices = c_devices
             if split:
-                c_split = <float *>malloc(n_max_devices * sizeof(float))   # llama.cpp copies it
+                # llama.cpp reads one share per device it uses: as many as the device list, which
+                # with RPC servers may be longer than llama_max_devices(); it copies the array
+                n_split = max(<size_t>n_max_devices, <size_t>len(devs), <size_t>len(split))
+                c_split = <float *>malloc(n_split * sizeof(float))
                 if c_split == NULL:
                     raise MemoryError()
-                for i in range(n_max_devices):
+                for i in range(n_split):
                     c_split[i] = split[i] if i < len(split) else 0.0
                 params.tensor_split = c_split
             with nogil:
@@ -135,13 +147,14 @@ cdef class Model:
                 raise err
             raise ModelLoadError(f"llama.cpp could not load {self.path}: the file is corrupt, truncated "
                                  "or of an unsupported architecture (Model(..., verbose=True) shows why)")
+        self.vocab_only = vocab_only
         self.vocab = llama_model_get_vocab(self.ptr)
         self._n_vocab = llama_vocab_n_tokens(self.vocab)
         if devs:
             self._rpc = rpc.Connections(endpoints)
 
     cdef int _check(self) except -1:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._closing:
             _raise_closed("Model")
         return 0
 
@@ -166,17 +179,24 @@ cdef class Model:
             self._rpc.check()
 
     def close(self):
-        """Free the model (and close every Context made from it).  Safe to call twice."""
+        """Free the model (and close every Context and sampler made from it).  Safe to call twice;
+        waits for a call running in another thread."""
+        with self._lock:
+            if self.ptr == NULL:
+                return
+            self._closing = True             # no new dependents from here on (they check under the lock)
+        # not under the model's lock: a dependent's own lock is taken before the model's elsewhere
         for dep in list(self._dependents):
             dep.close()
-        if self.ptr != NULL:
-            if not self._rpc_gone():         # else left allocated: llama.cpp would abort
-                with nogil:
-                    llama_model_free(self.ptr)
-            self.ptr = NULL
-            self.vocab = NULL
-            if self._rpc is not None:
-                self._rpc.closed = True
+        with self._lock:
+            if self.ptr != NULL:
+                if not self._rpc_gone():         # else left allocated: llama.cpp would abort
+                    with nogil:
+                        llama_model_free(self.ptr)
+                self.ptr = NULL
+                self.vocab = NULL
+                if self._rpc is not None:
+                    self._rpc.closed = True
 
     def __dealloc__(self):
         if self.ptr != NULL:
@@ -185,7 +205,8 @@ cdef class Model:
             self.ptr = NULL
 
     def __enter__(self):
-        self._check()
+        with self._lock:
+            self._check()
         return self
 
     def __exit__(self, *exc):
@@ -203,149 +224,168 @@ cdef class Model:
     # -- properties ---------------------------------------------------------------------------
     @property
     def n_vocab(self):
-        self._check()
-        return self._n_vocab
+        with self._lock:
+            self._check()
+            return self._n_vocab
 
     @property
     def n_ctx_train(self):
-        self._check()
-        return llama_model_n_ctx_train(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_model_n_ctx_train(self.ptr)
 
     @property
     def n_embd(self):
-        self._check()
-        return llama_model_n_embd(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_model_n_embd(self.ptr)
 
     @property
     def n_layer(self):
-        self._check()
-        return llama_model_n_layer(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_model_n_layer(self.ptr)
 
     @property
     def n_head(self):
-        self._check()
-        return llama_model_n_head(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_model_n_head(self.ptr)
 
     @property
     def n_head_kv(self):
-        self._check()
-        return llama_model_n_head_kv(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_model_n_head_kv(self.ptr)
 
     @property
     def n_params(self):
-        self._check()
-        return llama_model_n_params(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_model_n_params(self.ptr)
 
     @property
     def size(self):
         """Bytes of all tensors."""
-        self._check()
-        return llama_model_size(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_model_size(self.ptr)
 
     @property
     def desc(self):
-        self._check()
         cdef char buf[256]
-        n = llama_model_desc(self.ptr, buf, sizeof(buf))
-        return buf[:max(n, 0)].decode("utf-8", "replace")
+        with self._lock:
+            self._check()
+            n = llama_model_desc(self.ptr, buf, sizeof(buf))
+            return buf[:max(n, 0)].decode("utf-8", "replace")
 
     @property
     def ftype(self):
         """The file's quantization type, as llama.cpp names it (e.g. 'Q4_0', 'F16')."""
-        self._check()
-        return llama_ftype_name(llama_model_ftype(self.ptr)).decode()
+        with self._lock:
+            self._check()
+            return llama_ftype_name(llama_model_ftype(self.ptr)).decode()
 
     @property
     def bos(self):
-        self._check()
-        return llama_vocab_bos(self.vocab)
+        with self._lock:
+            self._check()
+            return llama_vocab_bos(self.vocab)
 
     @property
     def eos(self):
-        self._check()
-        return llama_vocab_eos(self.vocab)
+        with self._lock:
+            self._check()
+            return llama_vocab_eos(self.vocab)
 
     @property
     def eot(self):
-        self._check()
-        return llama_vocab_eot(self.vocab)
+        with self._lock:
+            self._check()
+            return llama_vocab_eot(self.vocab)
 
     @property
     def add_bos(self):
         """Whether the vocabulary asks for BOS at the start of a prompt."""
-        self._check()
-        return bool(llama_vocab_get_add_bos(self.vocab))
+        with self._lock:
+            self._check()
+            return bool(llama_vocab_get_add_bos(self.vocab))
 
     @property
     def vocab_type(self):
-        self._check()
-        return {LLAMA_VOCAB_TYPE_NONE: "none", LLAMA_VOCAB_TYPE_SPM: "spm", LLAMA_VOCAB_TYPE_BPE: "bpe",
-                LLAMA_VOCAB_TYPE_WPM: "wpm", LLAMA_VOCAB_TYPE_UGM: "ugm", LLAMA_VOCAB_TYPE_RWKV: "rwkv",
-                LLAMA_VOCAB_TYPE_PLAMO2: "plamo2"}.get(llama_get_vocab_type(self.vocab), "other")
+        with self._lock:
+            self._check()
+            return {LLAMA_VOCAB_TYPE_NONE: "none", LLAMA_VOCAB_TYPE_SPM: "spm", LLAMA_VOCAB_TYPE_BPE: "bpe",
+                    LLAMA_VOCAB_TYPE_WPM: "wpm", LLAMA_VOCAB_TYPE_UGM: "ugm", LLAMA_VOCAB_TYPE_RWKV: "rwkv",
+                    LLAMA_VOCAB_TYPE_PLAMO2: "plamo2"}.get(llama_get_vocab_type(self.vocab), "other")
 
     @property
     def chat_template(self):
         """The model's own chat template (tokenizer.chat_template), or None."""
-        self._check()
-        cdef const char * t = llama_model_chat_template(self.ptr, NULL)
-        return t.decode("utf-8", "replace") if t != NULL else None
+        cdef const char * t
+        with self._lock:
+            self._check()
+            t = llama_model_chat_template(self.ptr, NULL)
+            return t.decode("utf-8", "replace") if t != NULL else None
 
     @property
     def metadata(self):
         """Every GGUF key/value of the file, values as llama.cpp renders them (strings)."""
-        self._check()
-        cdef int32_t i, n, count = llama_model_meta_count(self.ptr)
-        cdef char * buf = NULL
-        cdef size_t size = 1024
-        out = {}
-        buf = <char *>malloc(size)
-        if buf == NULL:
-            raise MemoryError()
-        try:
-            for i in range(count):
-                n = llama_model_meta_key_by_index(self.ptr, i, buf, size)
-                if n < 0:
-                    continue
-                key = buf[:min(<size_t>n, size - 1)].decode("utf-8", "replace")
-                n = llama_model_meta_val_str_by_index(self.ptr, i, buf, size)
-                if n >= <int32_t>size:
-                    free(buf)
-                    size = n + 1
-                    buf = <char *>malloc(size)
-                    if buf == NULL:
-                        raise MemoryError()
+        cdef int32_t i, n, count
+        cdef char * buf
+        cdef size_t size
+        with self._lock:
+            self._check()
+            count = llama_model_meta_count(self.ptr)
+            buf = NULL
+            size = 1024
+            out = {}
+            buf = <char *>malloc(size)
+            if buf == NULL:
+                raise MemoryError()
+            try:
+                for i in range(count):
+                    n = llama_model_meta_key_by_index(self.ptr, i, buf, size)
+                    if n < 0:
+                        continue
+                    key = buf[:min(<size_t>n, size - 1)].decode("utf-8", "replace")
                     n = llama_model_meta_val_str_by_index(self.ptr, i, buf, size)
-                out[key] = buf[:max(n, 0)].decode("utf-8", "replace") if n >= 0 else None
-        finally:
-            free(buf)
-        return out
+                    if n >= <int32_t>size:
+                        free(buf)
+                        size = n + 1
+                        buf = <char *>malloc(size)
+                        if buf == NULL:
+                            raise MemoryError()
+                        n = llama_model_meta_val_str_by_index(self.ptr, i, buf, size)
+                    out[key] = buf[:max(n, 0)].decode("utf-8", "replace") if n >= 0 else None
+            finally:
+                free(buf)
+            return out
 
-    def token_is_eog(self, int token):
+    def token_is_eog(self, token):
         """True for end-of-generation tokens (EOS, EOT, ...)."""
-        self._check()
-        self._check_token(token)
-        return bool(llama_vocab_is_eog(self.vocab, token))
+        with self._lock:
+            self._check()
+            return bool(llama_vocab_is_eog(self.vocab, _token_arg(token, self._n_vocab)))
 
-    def token_is_control(self, int token):
-        self._check()
-        self._check_token(token)
-        return bool(llama_vocab_is_control(self.vocab, token))
+    def token_is_control(self, token):
+        with self._lock:
+            self._check()
+            return bool(llama_vocab_is_control(self.vocab, _token_arg(token, self._n_vocab)))
 
-    def token_text(self, int token):
+    def token_text(self, token):
         """The vocabulary entry of a token as stored in the file (e.g. '▁the' or '<0x0A>')."""
-        self._check()
-        self._check_token(token)
-        return llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+        with self._lock:
+            self._check()
+            return llama_vocab_get_text(self.vocab, _token_arg(token, self._n_vocab)).decode("utf-8", "replace")
 
-    def token_score(self, int token):
-        self._check()
-        self._check_token(token)
-        return llama_vocab_get_score(self.vocab, token)
+    def token_score(self, token):
+        with self._lock:
+            self._check()
+            return llama_vocab_get_score(self.vocab, _token_arg(token, self._n_vocab))
 
-    def _check_token(self, int token):
-        if token < 0 or token >= self._n_vocab:
-            raise TokenizeError(f"token id {token} is out of range for a vocabulary of {self._n_vocab} tokens")
-
+    def _check_token(self, token):
+        _token_arg(token, self._n_vocab)
 
     # -- tokenizer (vocab.pxi) ----------------------------------------------------------------
     def tokenize(self, text, bint add_bos=True, bint special=False):
@@ -356,7 +396,7 @@ cdef class Model:
         """
         return _tokenize(self, text, add_bos, special)
 
-    def token_to_piece(self, int token, bint special=False):
+    def token_to_piece(self, token, bint special=False):
         """The bytes one token stands for (a piece may be part of a UTF-8 character)."""
         return _token_to_piece(self, token, special)
 

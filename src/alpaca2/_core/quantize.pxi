@@ -23,7 +23,7 @@ def quantize(src, dst, ftype="Q4_0", n_threads=None, bint pure=False):
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("dst must differ from src")
     cdef llama_model_quantize_params p = llama_model_quantize_default_params()
-    p.nthread = n_threads or default_threads()
+    p.nthread = default_threads() if n_threads is None else _int_arg(n_threads, "n_threads", 1, MAX_THREADS)
     p.ftype = _FTYPES[key]
     p.pure = pure
     tmp = f"{dst}.tmp-{os.getpid()}"

@@ -1,7 +1,13 @@
 # Sampling: SamplerChain (llama.cpp's sampler chain, one primitive at a time) and Sampler (the
 # usual chain with llama.cpp's defaults). Included by _core.pyx.
 
+# the stages that pick the token: a chain must end with one (llama.cpp asserts it, ending the process)
+_SELECTING = ("greedy", "dist", "mirostat", "mirostat_v2")
+# the longest penalty window: llama.cpp keeps a ring buffer of this many tokens and scans it per token
+MAX_PENALTY_LAST_N = 1 << 16
 
+
+@cython.no_gc_clear          # a grammar stage points into self._models' vocabularies
 cdef class SamplerChain:
     """A llama.cpp sampler chain built one primitive at a time.
 
@@ -10,14 +16,22 @@ cdef class SamplerChain:
     temp_ext(t, delta, exponent), xtc(p, t, seed), top_n_sigma(n),
     penalties(last_n, repeat, freq, present), mirostat_v2(tau, eta, seed); with a model:
     logit_bias(model, {token: bias}), grammar(model, gbnf, root), mirostat(model, tau, eta, seed).
+    A chain samples only when it ends with greedy, dist or mirostat (SamplerError otherwise).
+    ``seed=None`` draws a random seed (llama.cpp's LLAMA_DEFAULT_SEED, 0xFFFFFFFF, means that);
+    a seed is otherwise an int in [0, 0xFFFFFFFE].  A chain with a model-bound stage keeps the
+    model alive and is closed with it.
     """
 
     def __cinit__(self, *args, **kwargs):
         cdef llama_sampler_chain_params p = llama_sampler_chain_default_params()
         p.no_perf = False
-        self.ptr = llama_sampler_chain_init(p)
-        self.owner = True
+        self._lock = threading.RLock()
+        self._models = []
         self._names = []
+        self.ptr = llama_sampler_chain_init(p)
+        if self.ptr == NULL:
+            raise MemoryError()
+        self.owner = True
 
     def __dealloc__(self):
         if self.ptr != NULL and self.owner:
@@ -29,10 +43,19 @@ cdef class SamplerChain:
             _raise_closed(type(self).__name__)
         return 0
 
+    cdef int _check_selects(self) except -1:
+        if not self._names or self._names[-1] not in _SELECTING:
+            raise SamplerError(f"this chain ({', '.join(self._names) or 'empty'}) has no final stage that "
+                               "picks a token: end it with 'dist', 'greedy' or 'mirostat'")
+        return 0
+
     def close(self):
-        if self.ptr != NULL and self.owner:
-            llama_sampler_free(self.ptr)
-        self.ptr = NULL
+        """Free the chain.  Safe to call twice; waits for a sample() running in another thread."""
+        with self._lock:
+            if self.ptr != NULL and self.owner:
+                llama_sampler_free(self.ptr)
+            self.ptr = NULL
+            self._models = []
 
     def __enter__(self):
         return self
@@ -40,126 +63,180 @@ cdef class SamplerChain:
     def __exit__(self, *exc):
         self.close()
 
+    @property
+    def closed(self):
+        """True after close() (or after the model a stage belongs to was closed)."""
+        return self.ptr == NULL
+
     def __len__(self):
-        self._check()
-        return llama_sampler_chain_n(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_sampler_chain_n(self.ptr)
 
     @property
     def names(self):
         """The primitives in the chain, in order, as llama.cpp names them."""
-        self._check()
-        return [llama_sampler_name(llama_sampler_chain_get(self.ptr, i)).decode()
-                for i in range(llama_sampler_chain_n(self.ptr))]
+        with self._lock:
+            self._check()
+            return [llama_sampler_name(llama_sampler_chain_get(self.ptr, i)).decode()
+                    for i in range(llama_sampler_chain_n(self.ptr))]
 
     def add(self, str kind, *args, **kwargs):
         """Append a primitive (see the class docstring); returns self for chaining."""
-        self._check()
-        cdef llama_sampler * s = _make_primitive(kind, args, kwargs)
-        llama_sampler_chain_add(self.ptr, s)   # the chain owns it now
+        cdef llama_sampler * s
+        with self._lock:
+            self._check()
+            s = _make_primitive(self, kind, args, kwargs)
+            llama_sampler_chain_add(self.ptr, s)   # the chain owns it now
+            self._names.append(kind)
         return self
 
     def sample(self, Context ctx not None, int idx=-1):
         """Sample a token from ctx's logits at output idx and accept it into the chain's history."""
-        self._check()
-        ctx._check()
-        ctx._check_out(idx)
         cdef llama_token tok
         cdef int c_idx = idx
-        if ctx._all_logits is not None:
-            return self.sample_logits(ctx._all_logits[idx])
-        with ctx._lock:
-            try:
-                with nogil:
-                    tok = sampler_sample_cpp(self.ptr, ctx.ptr, c_idx)
-            except (RuntimeError, IndexError, ValueError) as e:
-                raise _sampler_error(e) from None
+        cdef const float * lg
+        with self._lock:
+            self._check()
+            self._check_selects()
+            with ctx._lock:
+                ctx._check()
+                ctx._check_out(idx)
+                if ctx._all_logits is not None:
+                    return self.sample_logits(ctx._all_logits[idx])
+                # no logits (a state loaded without them, another context's state): llama.cpp would crash
+                if llama_get_logits_ith(ctx.ptr, c_idx) == NULL:
+                    raise SamplerError(f"there are no logits at output {idx} to sample from: decode first")
+                try:
+                    with nogil:
+                        tok = sampler_sample_cpp(self.ptr, ctx.ptr, c_idx)
+                except (RuntimeError, IndexError, ValueError) as e:
+                    raise _sampler_error(e) from None
+                lg = llama_get_logits_ith(ctx.ptr, c_idx)
+                if tok < 0 or tok >= ctx._n_vocab or lg == NULL or isnan(lg[tok]):
+                    raise SamplerError("the logits are NaN (NaN weights or parameters?): no token can be sampled")
         return tok
 
     def sample_logits(self, logits):
         """Sample from a 1-d float array of logits (any source) and accept the token."""
-        self._check()
         cdef float[::1] lv = np.ascontiguousarray(logits, dtype=np.float32)
         cdef Py_ssize_t n = lv.shape[0], i
         if n == 0:
             raise ValueError("empty logits")
-        cdef llama_token_data * cand = <llama_token_data *>malloc(n * sizeof(llama_token_data))
-        if cand == NULL:
-            raise MemoryError()
+        if n > 0x7fffffff:
+            raise ArgumentValueError(f"{n} logits: more than a vocabulary can hold")
+        cdef llama_token_data * cand
         cdef llama_token_data_array arr
         cdef llama_token tok
-        try:
-            with nogil:
-                for i in range(n):
-                    cand[i].id = <llama_token>i
-                    cand[i].logit = lv[i]
-                    cand[i].p = 0
-                arr.data = cand
-                arr.size = n
-                arr.selected = -1
-                arr.sorted = False
+        with self._lock:
+            self._check()
+            self._check_selects()
+            for m in self._models:
+                if n > (<Model>m)._n_vocab:
+                    raise SamplerError(f"{n} logits for a chain built for a vocabulary of "
+                                       f"{(<Model>m)._n_vocab} tokens")
+            cand = <llama_token_data *>malloc(n * sizeof(llama_token_data))
+            if cand == NULL:
+                raise MemoryError()
             try:
                 with nogil:
-                    sampler_apply_cpp(self.ptr, &arr)
-                if arr.selected < 0 or <size_t>arr.selected >= arr.size:
-                    raise ValueError("the chain selected no token (end it with 'dist' or 'greedy')")
-                tok = arr.data[arr.selected].id
-                sampler_accept_cpp(self.ptr, tok)
-            except (RuntimeError, IndexError) as e:
-                raise _sampler_error(e) from None
-        finally:
-            free(cand)
+                    for i in range(n):
+                        cand[i].id = <llama_token>i
+                        cand[i].logit = lv[i]
+                        cand[i].p = 0
+                    arr.data = cand
+                    arr.size = n
+                    arr.selected = -1
+                    arr.sorted = False
+                try:
+                    with nogil:
+                        sampler_apply_cpp(self.ptr, &arr)
+                    if arr.selected < 0 or <size_t>arr.selected >= arr.size:
+                        raise SamplerError("the chain selected no token (end it with 'dist' or 'greedy')")
+                    tok = arr.data[arr.selected].id
+                    if tok < 0 or tok >= n or isnan(lv[tok]):
+                        raise SamplerError("the logits are NaN: no token can be sampled")
+                    sampler_accept_cpp(self.ptr, tok)
+                except (RuntimeError, IndexError) as e:
+                    raise _sampler_error(e) from None
+            finally:
+                free(cand)
         return tok
 
-    def accept(self, int token):
+    def accept(self, token):
         """Add a token to the history (penalties, grammar) without sampling it."""
-        self._check()
-        if token < 0:
-            raise TokenizeError(f"token id {token} is out of range")
-        try:
-            sampler_accept_cpp(self.ptr, token)
-        except (RuntimeError, IndexError) as e:
-            raise _sampler_error(e) from None
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise ArgumentTypeError(f"a token id must be an int, not {type(token).__name__}")
+        with self._lock:
+            self._check()
+            for m in self._models:
+                _token_arg(token, (<Model>m)._n_vocab)
+            if not 0 <= token <= 0x7fffffff:
+                raise TokenizeError(f"token id {token} is out of range")
+            try:
+                sampler_accept_cpp(self.ptr, <llama_token>token)
+            except (RuntimeError, IndexError) as e:
+                raise _sampler_error(e) from None
 
     def reset(self):
         """Forget the history (penalty window, grammar state); a seeded dist sampler restarts its sequence."""
-        self._check()
-        llama_sampler_reset(self.ptr)
+        with self._lock:
+            self._check()
+            llama_sampler_reset(self.ptr)
 
     @property
     def seed(self):
-        self._check()
-        return llama_sampler_get_seed(self.ptr)
+        with self._lock:
+            self._check()
+            return llama_sampler_get_seed(self.ptr)
 
     def perf(self):
-        self._check()
-        cdef llama_perf_sampler_data d = llama_perf_sampler(self.ptr)
+        cdef llama_perf_sampler_data d
+        with self._lock:
+            self._check()
+            d = llama_perf_sampler(self.ptr)
         return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample}
 
 
 cdef uint32_t _seed(seed) except? 0xFFFFFFFF:
+    """None: a random seed (LLAMA_DEFAULT_SEED); else an int in [0, 0xFFFFFFFE], never truncated."""
     if seed is None:
         return LLAMA_DEFAULT_SEED
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    return <uint32_t>(int(seed) & 0xFFFFFFFF)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ArgumentTypeError(f"seed must be an int or None, not {type(seed).__name__} ({seed!r})")
+    if not 0 <= seed < LLAMA_DEFAULT_SEED:
+        raise ArgumentValueError(f"seed must be between 0 and {LLAMA_DEFAULT_SEED - 1}, or None for a random "
+                                 f"one (llama.cpp reads {LLAMA_DEFAULT_SEED} as 'random'); got {seed}")
+    return <uint32_t>seed
 
 
-cdef llama_sampler * _make_primitive(str kind, tuple args, dict kw) except NULL:
+cdef inline Model _model_arg(obj, str kind):
+    if not isinstance(obj, Model):
+        raise ArgumentTypeError(f"the {kind!r} sampler needs the Model first, got {type(obj).__name__}")
+    return <Model>obj
+
+
+cdef llama_sampler * _make_primitive(SamplerChain chain, str kind, tuple args, dict kw) except NULL:
+    """A new llama_sampler for kind; a stage that needs a vocabulary registers chain with its model
+    (under the model's lock, so that Model.close() sees it and closes the chain first)."""
     cdef llama_sampler * s = NULL
     cdef Model model
     cdef llama_logit_bias * biases
     cdef int i
+    cdef bytes gbnf, root
+    cdef const char * c_gbnf
+    cdef const char * c_root
     if kind == "greedy":
         s = llama_sampler_init_greedy()
     elif kind == "dist":
         s = llama_sampler_init_dist(_seed(kw.get("seed", args[0] if args else None)))
     elif kind == "top_k":
-        s = llama_sampler_init_top_k(int(args[0] if args else kw["k"]))
+        s = llama_sampler_init_top_k(_int_arg(args[0] if args else kw["k"], "top_k", 0, 0x7fffffff))
     elif kind in ("top_p", "min_p", "typical"):
-        p = float(args[0] if args else kw["p"])
-        min_keep = int(kw.get("min_keep", args[1] if len(args) > 1 else 1))
+        p = _float_arg(args[0] if args else kw["p"], kind)
+        min_keep = _int_arg(kw.get("min_keep", args[1] if len(args) > 1 else 1), "min_keep", 0, 0x7fffffff)
         if not (0.0 <= p <= 1.0):
-            raise ValueError(f"{kind} must be in [0, 1], got {p}")
+            raise ArgumentValueError(f"{kind} must be in [0, 1], got {p}")
         if kind == "top_p":
             s = llama_sampler_init_top_p(p, min_keep)
         elif kind == "min_p":
@@ -167,65 +244,89 @@ cdef llama_sampler * _make_primitive(str kind, tuple args, dict kw) except NULL:
         else:
             s = llama_sampler_init_typical(p, min_keep)
     elif kind == "temp":
-        t = float(args[0] if args else kw["t"])
-        if math.isnan(t):
-            raise ValueError("temp must be a number")
-        s = llama_sampler_init_temp(t)
+        s = llama_sampler_init_temp(_float_arg(args[0] if args else kw["t"], "temp"))
     elif kind == "temp_ext":
-        s = llama_sampler_init_temp_ext(float(args[0]), float(args[1]), float(args[2]))
+        s = llama_sampler_init_temp_ext(_float_arg(args[0], "temp"), _float_arg(args[1], "delta"),
+                                        _float_arg(args[2], "exponent"))
     elif kind == "xtc":
-        s = llama_sampler_init_xtc(float(args[0]), float(args[1]), int(kw.get("min_keep", 1)),
+        s = llama_sampler_init_xtc(_float_arg(args[0], "xtc probability"), _float_arg(args[1], "xtc threshold"),
+                                   _int_arg(kw.get("min_keep", 1), "min_keep", 0, 0x7fffffff),
                                    _seed(kw.get("seed")))
     elif kind == "top_n_sigma":
-        s = llama_sampler_init_top_n_sigma(float(args[0]))
+        s = llama_sampler_init_top_n_sigma(_float_arg(args[0], "top_n_sigma"))
     elif kind == "penalties":
-        last_n = int(kw.get("last_n", args[0] if args else 64))
-        repeat = float(kw.get("repeat", args[1] if len(args) > 1 else 1.0))
-        freq = float(kw.get("freq", args[2] if len(args) > 2 else 0.0))
-        present = float(kw.get("present", args[3] if len(args) > 3 else 0.0))
-        if last_n < 0:
-            raise ValueError(f"penalty_last_n must be >= 0, got {last_n}")
-        if not repeat > 0 or math.isinf(repeat):
-            raise ValueError(f"repeat_penalty must be a positive number, got {repeat}")
-        if not (math.isfinite(freq) and math.isfinite(present)):
-            raise ValueError("frequency/presence penalties must be finite")
+        last_n = _int_arg(kw.get("last_n", args[0] if args else 64), "penalty_last_n", 0, MAX_PENALTY_LAST_N)
+        repeat = _float_arg(kw.get("repeat", args[1] if len(args) > 1 else 1.0), "repeat_penalty")
+        freq = _float_arg(kw.get("freq", args[2] if len(args) > 2 else 0.0), "frequency_penalty")
+        present = _float_arg(kw.get("present", args[3] if len(args) > 3 else 0.0), "presence_penalty")
+        if not repeat > 0:
+            raise ArgumentValueError(f"repeat_penalty must be a positive number, got {repeat}")
         s = llama_sampler_init_penalties(0, last_n, repeat, freq, present)
     elif kind == "mirostat_v2":
-        s = llama_sampler_init_mirostat_v2(_seed(kw.get("seed")), float(kw.get("tau", 5.0)),
-                                           float(kw.get("eta", 0.1)))
-    elif kind == "mirostat":
-        model = args[0]
-        model._check()
-        s = llama_sampler_init_mirostat(model._n_vocab, _seed(kw.get("seed")), float(kw.get("tau", 5.0)),
-                                        float(kw.get("eta", 0.1)), int(kw.get("m", 100)))
-    elif kind == "logit_bias":
-        model = args[0]
-        model._check()
-        bias = dict(args[1] if len(args) > 1 else kw["bias"])
-        biases = <llama_logit_bias *>malloc(max(len(bias), 1) * sizeof(llama_logit_bias))
-        if biases == NULL:
-            raise MemoryError()
-        try:
-            for i, (tok, b) in enumerate(bias.items()):
-                model._check_token(int(tok))
-                biases[i].token = int(tok)
-                biases[i].bias = float(b)
-            s = llama_sampler_init_logit_bias(model._n_vocab, len(bias), biases)
-        finally:
-            free(biases)
-    elif kind == "grammar":
-        model = args[0]
-        model._check()
-        gbnf = _to_bytes(args[1] if len(args) > 1 else kw["grammar"])
-        root = _to_bytes(kw.get("root", args[2] if len(args) > 2 else "root"))
-        s = llama_sampler_init_grammar(model.vocab, gbnf, root)
-        if s == NULL:
-            raise GrammarError("the GBNF grammar could not be parsed (Model(..., verbose=True) shows where)")
+        s = llama_sampler_init_mirostat_v2(_seed(kw.get("seed")), _float_arg(kw.get("tau", 5.0), "mirostat_tau"),
+                                           _float_arg(kw.get("eta", 0.1), "mirostat_eta"))
+    elif kind in ("mirostat", "logit_bias", "grammar"):
+        model = _model_arg(args[0] if args else kw.get("model"), kind)
+        with model._lock:
+            model._check()
+            if kind == "mirostat":
+                s = llama_sampler_init_mirostat(
+                    model._n_vocab, _seed(kw.get("seed")), _float_arg(kw.get("tau", 5.0), "mirostat_tau"),
+                    _float_arg(kw.get("eta", 0.1), "mirostat_eta"),
+                    _int_arg(kw.get("m", 100), "mirostat m", 1, model._n_vocab))
+            elif kind == "logit_bias":
+                bias = dict(args[1] if len(args) > 1 else kw["bias"])
+                checked = [(_token_arg(tok, model._n_vocab), _float_arg_or_inf(b)) for tok, b in bias.items()]
+                biases = <llama_logit_bias *>malloc(max(len(checked), 1) * sizeof(llama_logit_bias))
+                if biases == NULL:
+                    raise MemoryError()
+                try:
+                    for i in range(len(checked)):
+                        biases[i].token = checked[i][0]
+                        biases[i].bias = checked[i][1]
+                    s = llama_sampler_init_logit_bias(model._n_vocab, len(checked), biases)
+                finally:
+                    free(biases)
+            else:
+                text = args[1] if len(args) > 1 else kw["grammar"]
+                root_name = kw.get("root", args[2] if len(args) > 2 else "root")
+                if not isinstance(text, (str, bytes)) or not isinstance(root_name, (str, bytes)):
+                    raise ArgumentTypeError("a grammar and its root are GBNF text (str or bytes)")
+                # the pre-check first: llama.cpp's parser recurses (deep nesting ends the process) and
+                # builds some grammars in quadratic time
+                from alpaca2._grammar_check import check_grammar
+                check_grammar(text, root_name if isinstance(root_name, str) else root_name.decode("utf-8", "replace"),
+                              model._n_vocab)
+                gbnf = _to_bytes(text)
+                root = _to_bytes(root_name)
+                c_gbnf = gbnf
+                c_root = root
+                try:
+                    with nogil:
+                        s = sampler_init_grammar_cpp(model.vocab, c_gbnf, c_root)
+                except (RuntimeError, IndexError, ValueError, MemoryError) as e:
+                    raise GrammarError(f"llama.cpp could not build the grammar: {e}") from None
+                if s == NULL:
+                    raise GrammarError("the GBNF grammar could not be parsed (Model(..., verbose=True) shows where)")
+            if s != NULL and chain is not None:
+                # the stage points into model's vocabulary: keep it alive, close the chain with it
+                chain._models.append(model)
+                model._dependents.add(chain)
     else:
         raise ValueError(f"unknown sampler primitive {kind!r}")
     if s == NULL:
         raise Alpaca2Error(f"llama.cpp could not create the {kind!r} sampler")
     return s
+
+
+cdef float _float_arg_or_inf(value) except? -1.0:
+    """A logit bias: a number, -inf allowed (bans the token), NaN refused."""
+    if isinstance(value, (bool, complex, str, bytes)):
+        raise ArgumentTypeError(f"a logit bias must be a number, not {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v):
+        raise ArgumentValueError("a logit bias must not be NaN")
+    return v
 
 
 cdef class Sampler(SamplerChain):
@@ -245,9 +346,10 @@ cdef class Sampler(SamplerChain):
                  seed=None, Model model=None):
         for name, v in (("temp", temp), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
                         ("repeat_penalty", repeat_penalty), ("frequency_penalty", frequency_penalty),
-                        ("presence_penalty", presence_penalty)):
+                        ("presence_penalty", presence_penalty), ("mirostat_tau", mirostat_tau),
+                        ("mirostat_eta", mirostat_eta)):
             if not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v}")
+                raise ArgumentValueError(f"{name} must be a finite number, got {v}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
         if not (0.0 < top_p <= 1.0):
@@ -258,14 +360,15 @@ cdef class Sampler(SamplerChain):
             raise ValueError(f"typical_p must be in (0, 1], got {typical_p}")
         if repeat_penalty <= 0:
             raise ValueError(f"repeat_penalty must be > 0 (1.0 = off), got {repeat_penalty}")
-        if penalty_last_n < 0:
-            raise ValueError(f"penalty_last_n must be >= 0, got {penalty_last_n}")
+        if not 0 <= penalty_last_n <= MAX_PENALTY_LAST_N:
+            raise ArgumentValueError(f"penalty_last_n must be between 0 and {MAX_PENALTY_LAST_N}, got {penalty_last_n}")
         if mirostat not in (0, 1, 2):
             raise ValueError(f"mirostat must be 0, 1 or 2, got {mirostat}")
         if grammar is not None and not isinstance(grammar, (str, bytes)):
             raise TypeError("grammar must be GBNF text")
         if logit_bias is not None:
-            logit_bias = {int(k): float(v) for k, v in dict(logit_bias).items()}
+            logit_bias = {_int_arg(k, "a logit_bias token id", 0, 0x7fffffff): _float_arg_or_inf(v)
+                          for k, v in dict(logit_bias).items()}
         _seed(seed)
         self.params = dict(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                            repeat_penalty=repeat_penalty, penalty_last_n=penalty_last_n,
@@ -284,9 +387,12 @@ cdef class Sampler(SamplerChain):
         p = self.params
         if model is not None:
             model._check()
+        self._check()
         if llama_sampler_chain_n(self.ptr) > 0:
             llama_sampler_free(self.ptr)
             self.ptr = llama_sampler_chain_init(llama_sampler_chain_default_params())
+            self._names = []
+            self._models = []
         if p["logit_bias"]:
             self.add("logit_bias", model, p["logit_bias"])
         if p["repeat_penalty"] != 1.0 or p["frequency_penalty"] != 0.0 or p["presence_penalty"] != 0.0:
@@ -313,21 +419,23 @@ cdef class Sampler(SamplerChain):
                 self.add("min_p", p["min_p"])
             self.add("temp", p["temp"])
             self.add("dist", seed=p["seed"])
-        self._model = model
-        if model is not None:
-            model._dependents.add(self)   # grammar/logit_bias point into the vocabulary: close with the model
+        self._model = model               # the model-bound stages registered the chain with it (add)
 
     def sample(self, Context ctx not None, int idx=-1):
-        self._check()
-        if llama_sampler_chain_n(self.ptr) == 0:
-            self._build(ctx.model)
-        return SamplerChain.sample(self, ctx, idx)
+        """Sample a token from ctx's logits (see SamplerChain.sample); builds the chain at first use."""
+        with self._lock:
+            self._check()
+            if llama_sampler_chain_n(self.ptr) == 0:
+                self._build(ctx.model)
+            return SamplerChain.sample(self, ctx, idx)
 
     def sample_logits(self, logits):
-        self._check()
-        if llama_sampler_chain_n(self.ptr) == 0:
-            raise ValueError("this Sampler needs a model (grammar/logit_bias): pass model= when creating it")
-        return SamplerChain.sample_logits(self, logits)
+        """Sample from a 1-d float array of logits (see SamplerChain.sample_logits)."""
+        with self._lock:
+            self._check()
+            if llama_sampler_chain_n(self.ptr) == 0:
+                raise ValueError("this Sampler needs a model (grammar/logit_bias): pass model= when creating it")
+            return SamplerChain.sample_logits(self, logits)
 
     def __repr__(self):
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if v is not None)

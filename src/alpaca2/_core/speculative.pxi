@@ -176,8 +176,10 @@ cdef class Speculator:
         self.sampler = None
         self.draft_sampler = None
         self.draft_n = 0
-        if self.draft is not None and self.draft.ptr != NULL:
-            llama_memory_seq_rm(self.draft.mem, 0, 0, -1)
+        if self.draft is not None:
+            with self.draft._lock:
+                if self.draft.ptr != NULL:
+                    llama_memory_seq_rm(self.draft.mem, 0, 0, -1)
 
     def reset_stats(self):
         self.n_drafted = self.n_accepted = self.n_steps = self.n_generated = 0
@@ -234,16 +236,22 @@ cdef class Speculator:
         if self.target.n_past(0) < n - 1:
             raise ValueError(f"the target's cache holds {self.target.n_past(0)} tokens; begin() needs "
                              f"the first {n - 1} of the given tokens decoded")
-        llama_memory_seq_rm(self.target.mem, 0, n - 1, -1)
+        with self.target._lock:
+            self.target._check()
+            if not _rollback(self.target.mem, 0, n - 1):
+                raise DecodeError("llama.cpp could not trim the target's KV cache to the given tokens")
         # the draft keeps what it shares with the new tokens, then catches up on the rest
         common = 0
         if self.draft is not None:
-            self.draft._check()
-            self.draft_n = min(self.draft_n, self.draft.n_past(0))   # the draft may have been cleared
-            while common < self.draft_n and common < n - 1 and self.hist[common] == c_tok[common]:
-                common += 1
-            llama_memory_seq_rm(self.draft.mem, 0, common, -1)
-            self.draft_n = common
+            with self.draft._lock:
+                self.draft._check()
+                self.draft_n = min(self.draft_n, self.draft.n_past(0))   # the draft may have been cleared
+                while common < self.draft_n and common < n - 1 and self.hist[common] == c_tok[common]:
+                    common += 1
+                if not _rollback(self.draft.mem, 0, common):
+                    common = 0
+                    llama_memory_seq_rm(self.draft.mem, 0, 0, -1)
+                self.draft_n = common
         self.hist.assign(c_tok, c_tok + n)
         self.sampler = sampler
         self.draft_sampler = draft_sampler if not self.greedy else None
@@ -251,6 +259,7 @@ cdef class Speculator:
             if n - 1 > self.draft._n_ctx:
                 raise ContextFullError(f"{n - 1} tokens do not fit in the draft's n_ctx={self.draft._n_ctx}")
             with self.draft._lock:
+                self.draft._check()
                 self.draft._decode_tokens(c_tok + common, n - 1 - common, 0, False)
             self.draft_n = n - 1
 
@@ -271,11 +280,18 @@ cdef class Speculator:
         self.target.model.check_rpc()         # a server that has gone: an exception, not an abort
         if self.draft is not None:
             self.draft.model.check_rpc()
-        if self.draft is None:
-            with self.target._lock:
+        # the samplers' locks before the contexts' (the order SamplerChain.sample takes them), then
+        # the pointers re-checked under the locks: a close() in another thread waits for the step
+        ds = self.draft_sampler if self.draft_sampler is not None else self.sampler
+        with self.sampler._lock, ds._lock, self.target._lock:
+            self.target._check()
+            self.sampler._check()
+            ds._check()
+            if self.draft is None:
                 return self._step(max_new)
-        with self.target._lock, self.draft._lock:
-            return self._step(max_new)
+            with self.draft._lock:
+                self.draft._check()
+                return self._step(max_new)
 
     cdef list _step(self, int max_new):
         cdef Context T = self.target
@@ -292,6 +308,9 @@ cdef class Speculator:
         cdef int n_past = <int>self.hist.size() - 1
         cdef llama_token pending = self.hist.back()
         cdef int k_max = self.n_cur
+        # the draft Batch holds n_draft + 2 tokens; llama_decode takes at most the draft's n_batch
+        cdef int d_chunk = min(self.dbatch.capacity, D._n_batch) if D is not None else 0
+        cdef bint rolled_back = True
         cdef int i, j, m, k, s, L, nn, start, count, rc = 0, err = _STEP_OK, sel
         cdef bint match, sigint = False
         cdef llama_token d, t
@@ -306,12 +325,11 @@ cdef class Speculator:
             k_max = min(k_max, D._n_ctx - n_past - 1)
         k_max = max(k_max, 0)
         self.drafted.clear()
-        if PyThread_get_thread_ident() == _main_thread_ident:
-            sigint = alpaca2_sigint_install()
+        sigint = _decode_begin(&T._flags)
+        if D is not None:
+            D._flags &= ~_ABORT
             if sigint:
-                T._flags |= _WATCH_SIGINT
-                if D is not None:
-                    D._flags |= _WATCH_SIGINT
+                D._flags |= _WATCH_SIGINT
         try:
             with nogil:
                 # -- draft ------------------------------------------------------------------------
@@ -336,20 +354,24 @@ cdef class Speculator:
                             s -= 1
                         nn -= 1
                 elif D is not None and k_max > 0:
-                    # catch up: the draft decodes what it has not seen, the pending token last
-                    db.n_tokens = 0
-                    for j in range(self.draft_n, n_past + 1):
-                        db.token[db.n_tokens] = self.hist[j]
-                        db.pos[db.n_tokens] = j
-                        db.n_seq_id[db.n_tokens] = 1
-                        db.seq_id[db.n_tokens][0] = 0
-                        db.logits[db.n_tokens] = j == n_past
-                        db.n_tokens += 1
-                    rc = llama_decode(dctx, db[0])
-                    if rc != 0:
-                        err = _STEP_DRAFT_DECODE
-                    else:
-                        self.draft_n = n_past + 1
+                    # catch up: the draft decodes what it has not seen, the pending token last, in
+                    # chunks that fit its batch (steps with no drafting leave it many tokens behind)
+                    j = self.draft_n
+                    while err == _STEP_OK and j <= n_past:
+                        db.n_tokens = 0
+                        while j <= n_past and db.n_tokens < d_chunk:
+                            db.token[db.n_tokens] = self.hist[j]
+                            db.pos[db.n_tokens] = j
+                            db.n_seq_id[db.n_tokens] = 1
+                            db.seq_id[db.n_tokens][0] = 0
+                            db.logits[db.n_tokens] = j == n_past
+                            db.n_tokens += 1
+                            j += 1
+                        rc = llama_decode(dctx, db[0])
+                        if rc != 0:
+                            err = _STEP_DRAFT_DECODE
+                        else:
+                            self.draft_n = j
                     i = 0
                     while err == _STEP_OK and i < k_max:
                         lg = llama_get_logits_ith(dctx, -1)
@@ -470,51 +492,45 @@ cdef class Speculator:
                         break
         except BaseException:
             # a sampler error mid-verification: leave the caches as they were before the step
-            llama_memory_seq_rm(T.mem, 0, n_past, -1)
+            _rollback(T.mem, 0, n_past)
             if D is not None:
-                llama_memory_seq_rm(dmem, 0, min(self.draft_n, n_past), -1)
+                _rollback(dmem, 0, min(self.draft_n, n_past))
                 self.draft_n = min(self.draft_n, n_past)
             T._n_outputs = 0
             raise
         finally:
-            if sigint:
-                T._flags &= ~_WATCH_SIGINT
-                if D is not None:
-                    D._flags &= ~_WATCH_SIGINT
-                alpaca2_sigint_restore()
+            if D is not None:
+                D._flags &= ~_WATCH_SIGINT
+            _decode_end(&T._flags, sigint)
         T._n_outputs = 0          # the step's logits are not the user's: they span trimmed positions
         T._all_logits = None
         T.model.check_rpc()       # a server that died during the step (see Context._decode_tokens)
         if D is not None:
             D.model.check_rpc()
         if err != _STEP_OK:
-            llama_memory_seq_rm(T.mem, 0, n_past, -1)
+            rolled_back = _rollback(T.mem, 0, n_past)
             if D is not None:
-                llama_memory_seq_rm(dmem, 0, min(self.draft_n, n_past), -1)
+                rolled_back = _rollback(dmem, 0, min(self.draft_n, n_past)) and rolled_back
                 self.draft_n = min(self.draft_n, n_past)
             who = D if err == _STEP_DRAFT_DECODE else T
-            aborted_by_user = (who._flags & _ABORT) != 0
-            T._flags &= ~_ABORT
-            if D is not None:
-                D._flags &= ~_ABORT
-            if rc == 2:
-                if sigint and alpaca2_sigint_pending():
-                    alpaca2_sigint_clear()
-                    PyErr_CheckSignals()
-                    raise KeyboardInterrupt
-                raise DecodeAborted("decode was aborted" + (" by Context.abort()" if aborted_by_user else ""))
-            name = "draft" if err == _STEP_DRAFT_DECODE else "target"
-            if rc == 1:
-                raise ContextFullError(f"no KV-cache slot in the {name} context")
-            raise DecodeError(f"llama_decode failed with code {rc} in the {name} context")
+            other = T if err == _STEP_DRAFT_DECODE else D
+            if other is not None:
+                other._flags &= ~_ABORT
+            _raise_decode(rc, &who._flags, sigint, rolled_back,
+                          " in the draft context" if err == _STEP_DRAFT_DECODE else " in the target context")
         m = <int>accepted.size()
         k = <int>self.drafted.size()
         # keep the pending token and the accepted drafts; the last new token is the next pending one
-        llama_memory_seq_rm(T.mem, 0, n_past + m, -1)
+        if not _rollback(T.mem, 0, n_past + m):
+            raise DecodeError("llama.cpp could not trim the rejected drafts from the target's KV cache: "
+                              "clear() it and begin() again")
         if D is not None:
             if self.draft_n > n_past + m:
-                llama_memory_seq_rm(dmem, 0, n_past + m, -1)
-                self.draft_n = n_past + m
+                if not _rollback(dmem, 0, n_past + m):
+                    self.draft_n = 0          # unknown contents: begin() re-decodes the draft
+                    llama_memory_seq_rm(dmem, 0, 0, -1)
+                else:
+                    self.draft_n = n_past + m
         for j in range(m):
             self.hist.push_back(accepted[j])
         self.n_steps += 1

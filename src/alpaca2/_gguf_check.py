@@ -13,6 +13,7 @@ import mmap
 import os
 import struct
 
+from alpaca2._files import open_regular_file
 from alpaca2.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -24,6 +25,7 @@ GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64
 TENSOR_ALIGNMENT = 32                     # ggml's alignment of a mapped tensor's data
 LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
 INT64_MAX = 2 ** 63 - 1
 SIZE_MAX = 2 ** 64 - 1
 
@@ -59,8 +61,14 @@ _TYPED_KEYS = {
 # i8, i16, i32, i64, f64; and q8_1, q8_K: ggml's internal activation types, not storage types
 _NOT_WEIGHT_TYPES = {24, 25, 26, 27, 28, 9, 15}
 
-# String arrays whose contents the checks below need (the rest are only skipped over).
+# Arrays whose contents the checks below need (the rest are only skipped over): the vocabulary,
+# and the per-layer hyperparameters (at most one value per layer, so short).
 _KEEP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"}
+_KEEP_ARRAY_SUFFIXES = (".expert_used_count",)
+
+
+def _keep(key, n):
+    return key in _KEEP_ARRAYS or (key.endswith(_KEEP_ARRAY_SUFFIXES) and n <= LLAMA_MAX_LAYERS)
 TOKEN_TYPE_BYTE = 6
 
 
@@ -145,10 +153,8 @@ def validate(path) -> None:
     """
     path = os.fspath(path)
     shown = path if isinstance(path, str) else os.fsdecode(path)
-    try:
-        f = open(path, "rb")                           # read-only; nothing is ever written
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {shown}: {e.strerror}") from None
+    # a regular file only: a FIFO would block the open forever, /dev/zero never end
+    f = open_regular_file(path, "GGUF model file", ModelLoadError)
     with f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
@@ -215,11 +221,11 @@ def _validate(r: _Reader) -> None:
             value = None
             if etype == GGUF_TYPE_STRING:
                 r.need(8 * n, f"array '{key}' of {n} strings")
-                value = r.string_array(n, key, key in _KEEP_ARRAYS)
+                value = r.string_array(n, key, _keep(key, n))
             else:
                 fmt = GGUF_TYPES[etype][1]
                 what = f"array '{key}' of {n} {GGUF_TYPES[etype][0]}"
-                if key in _KEEP_ARRAYS:
+                if _keep(key, n):
                     r.need(n * struct.calcsize(fmt), what)
                     value = struct.unpack(f"<{n}{fmt[1]}", r.raw(n * struct.calcsize(fmt), what))
                 else:
@@ -316,6 +322,8 @@ def _check_model_keys(r: _Reader, kv) -> None:
             eps = _scalar(kv, key)
             if eps is not None and not (eps >= 0 and eps != float("inf")):
                 r.fail(f"{key} is {eps}; it must be a finite number >= 0")
+        if n_layer is not None and 0 < n_layer <= LLAMA_MAX_LAYERS:
+            _check_hparams(r, kv, arch, n_layer)
 
     tokens_kv = kv.get("tokenizer.ggml.tokens")
     if tokens_kv is None or tokens_kv[1] != GGUF_TYPE_STRING or tokens_kv[3] is None:
@@ -347,6 +355,131 @@ def _check_model_keys(r: _Reader, kv) -> None:
                    "that needs one")
     if model == b"bert" and TOKEN_TYPE_BYTE in types:
         r.fail("a bert (WordPiece) vocabulary with byte tokens: llama.cpp aborts when it meets one")
+    if model is not None:
+        _check_special_tokens(r, kv, model, len(tokens))
+
+
+_INT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
+
+
+def _int(kv, key, default=None):
+    """An integer-typed scalar's value; default when absent or of another type (llama.cpp throws,
+    a clean error, on a mistyped key)."""
+    value = kv.get(key)
+    return value[3] if value is not None and value[0] in _INT_TYPES else default
+
+
+def _check_hparams(r: _Reader, kv, arch, n_layer) -> None:
+    """llama_model_base::load_hparams' GGML_ASSERTs (src/llama-model.cpp): the process aborts."""
+    nextn = _int(kv, f"{arch}.nextn_predict_layers", 0)
+    if nextn > n_layer:
+        r.fail(f"{arch}.nextn_predict_layers is {nextn}, more than the {n_layer} layers")
+    if arch == "wavtokenizer-dec":
+        for key in (f"{arch}.posnet.block_count", f"{arch}.convnext.block_count"):
+            if _int(kv, key, 0) > n_layer:
+                r.fail(f"{key} is {_int(kv, key)}, more than the {n_layer} layers")
+
+    # experts: counts, the used count (one value or one per layer) and groups
+    n_expert = _int(kv, f"{arch}.expert_count", 0)
+    used_kv = kv.get(f"{arch}.expert_used_count")
+    used = 0
+    if used_kv is not None and used_kv[0] in _INT_TYPES:
+        used = used_kv[3]
+    elif used_kv is not None and used_kv[0] == GGUF_TYPE_ARRAY and used_kv[3] is not None:
+        if len(used_kv[3]) == n_layer:           # another length: llama.cpp refuses it cleanly
+            used = max(used_kv[3], default=0)
+    groups = _int(kv, f"{arch}.expert_group_count", 0)
+    group_used = _int(kv, f"{arch}.expert_group_used_count", 0)
+    if arch in ("hunyuan-vl", "hunyuan-dense") and n_expert <= 1:
+        n_expert = used = 0                      # llama.cpp drops a single expert there
+    if n_expert > LLAMA_MAX_EXPERTS:
+        r.fail(f"{arch}.expert_count is {n_expert}; llama.cpp supports at most {LLAMA_MAX_EXPERTS}")
+    if used > n_expert:
+        r.fail(f"{arch}.expert_used_count is {used}, more than {arch}.expert_count {n_expert}")
+    if n_expert > 0:
+        if used <= 0:
+            r.fail(f"{arch}.expert_used_count is {used}; a model with {n_expert} experts must use "
+                   "at least one")
+        if groups >= n_expert:
+            r.fail(f"{arch}.expert_group_count is {groups}; it must be below {arch}.expert_count "
+                   f"{n_expert}")
+        if groups > 1:
+            if n_expert % groups:
+                r.fail(f"{arch}.expert_count {n_expert} is not a multiple of "
+                       f"{arch}.expert_group_count {groups}")
+            if not 0 < group_used < groups:
+                r.fail(f"{arch}.expert_group_used_count is {group_used}; it must be between 1 and "
+                       f"{groups - 1} ({arch}.expert_group_count {groups})")
+    elif used or groups:
+        r.fail(f"{arch}.expert_used_count/expert_group_count are {used}/{groups}, but the model "
+               "has no experts")
+
+    scaling = kv.get(f"{arch}.rope.scaling.type")
+    if scaling is not None and scaling[0] == GGUF_TYPE_STRING and \
+            scaling[3] not in (b"none", b"linear", b"yarn", b"longrope"):
+        r.fail(f"{arch}.rope.scaling.type is {_name(scaling[3])!r}; llama.cpp knows none, linear, "
+               "yarn and longrope")
+
+
+# tokenizer.ggml.model -> (vocabulary type, default BOS, EOS, SEP ids, add_bos, add_eos), as
+# llama_vocab::impl::load sets them before reading the file's own keys (None: no such token)
+_VOCAB_DEFAULTS = {
+    b"llama": ("spm", 1, 2, None, True, False),
+    b"bert": ("wpm", 101, None, 102, True, False),
+    b"gpt2": ("bpe", 11, 11, None, False, False),
+    b"hybriddna": ("bpe", 11, 11, None, False, False),
+    b"whitespace": ("bpe", 11, 11, None, False, False),
+    b"t5": ("ugm", None, 1, None, False, True),
+    b"gemma4": ("bpe", None, None, None, True, False),
+}
+# BPE pre-tokenizers after which llama.cpp adds BOS by default, or has no BOS at all
+_BPE_ADD_BOS = {b"llama3", b"llama-v3", b"llama-bpe", b"falcon3", b"falcon-h1", b"pixtral",
+                b"midm-2.0", b"lfm2", b"jina-v5-nano", b"tekken", b"chameleon"}
+_BPE_NO_BOS = {b"chatglm-bpe", b"glm4", b"glm5"}
+
+
+def _check_special_tokens(r: _Reader, kv, model, n_tokens) -> None:
+    """Tokenizing aborts (GGML_ASSERT in llama_vocab::impl::tokenize) when the vocabulary adds a
+    BOS/EOS/SEP token that it does not have: e.g. a t5 vocabulary told to add BOS, without one."""
+    if model not in _VOCAB_DEFAULTS:
+        return
+    vtype, bos, eos, sep, add_bos, add_eos = _VOCAB_DEFAULTS[model]
+    pre_kv = kv.get("tokenizer.ggml.pre")
+    pre = pre_kv[3] if pre_kv and pre_kv[0] == GGUF_TYPE_STRING else None
+    if vtype == "bpe" and model != b"gemma4":
+        add_bos = pre in _BPE_ADD_BOS
+        if pre in _BPE_NO_BOS:
+            bos = None
+
+    def special(name, default):
+        # a default outside the vocabulary is disabled; the file's id counts only inside it
+        token = default if default is not None and default < n_tokens else None
+        value = kv.get(f"tokenizer.ggml.{name}_token_id")
+        if value is not None and value[0] == GGUF_TYPE_UINT32 and value[3] < n_tokens:
+            token = value[3]
+        return token
+
+    def flag(name, default):
+        value = kv.get(f"tokenizer.ggml.add_{name}_token")
+        return bool(value[3]) if value is not None and value[0] == 7 else default
+
+    bos, eos, sep = special("bos", bos), special("eos", eos), special("seperator", sep)
+    add_bos, add_eos = flag("bos", add_bos), flag("eos", add_eos)
+    if model == b"gemma4":
+        add_bos = True                            # llama.cpp forces it for Gemma 4
+    what = f"the {_name(model)} vocabulary"
+    if vtype == "wpm":
+        if bos is None or sep is None:
+            r.fail(f"{what} has no {'BOS' if bos is None else 'SEP'} token (tokenizer.ggml."
+                   f"{'bos' if bos is None else 'seperator'}_token_id), which llama.cpp adds to "
+                   "every text: it would abort in the first tokenize")
+        return
+    if add_bos and bos is None:
+        r.fail(f"{what} adds a BOS token but has none (tokenizer.ggml.bos_token_id missing or out "
+               "of range): llama.cpp would abort in the first tokenize")
+    if add_eos and eos is None:
+        r.fail(f"{what} adds an EOS token but has none (tokenizer.ggml.eos_token_id missing or out "
+               "of range): llama.cpp would abort in the first tokenize")
 
 
 def available_memory():

@@ -20,7 +20,7 @@ from alpaca2.errors import GrammarError
 MAX_NESTING = 256             # parentheses inside parentheses: the parser's recursion
 MAX_LEFT_CHAIN = 2000         # rules reached through leftmost references: the left-recursion check's recursion
 MAX_LEFT_VISITS = 200_000     # calls of the left-recursion check (it does not remember visited rules)
-MAX_STACKS = 4096             # stacks a rule can expand to before its first character (quadratic)
+MAX_STACK_WORK = 60_000_000   # llama_grammar_advance_stack: stacks**2 + their common depths (~0.5 s)
 MAX_ELEMENTS = 2_000_000      # grammar elements after repetitions are expanded (memory, build time)
 MAX_RULES = 200_000
 MAX_REPETITION = 2000         # llama.cpp's MAX_REPETITION_THRESHOLD
@@ -313,22 +313,31 @@ def _analyse(rules, n_rules):
             depth[r] = 1 + max((depth[c] for c in left[r]), default=0)
             visits[r] = min(1 + sum(visits[c] for c in left[r]), MAX_LEFT_VISITS + 1)
     # stacks: llama_grammar_advance_stack expands a leading rule reference into one stack per
-    # alternative of that rule (and goes on past references that may be empty)
+    # alternative of that rule (and goes on past references that may be empty).  It keeps each
+    # new stack only if it is not already in its list (a linear search, comparing stacks from the
+    # bottom), so its work is about paths**2 plus, for every pair of stacks, the length of their
+    # common bottom: shared(r) sums that over the pairs of r's stacks.
     paths = [0] * n_rules
+    shared = [0] * n_rules
+    cap = MAX_STACK_WORK + 1
     for r in sorted(range(n_rules), key=depth.__getitem__):     # references before their users
-        total = 0
+        total = common = 0
         for alt in rules[r]:
-            for kind, value in alt:
+            for j, (kind, value) in enumerate(alt):
                 if kind != _REF:
                     total += 1
                     break
                 total += paths[value]
+                # the stacks of value all hold this alternative's rest at their bottom
+                common += shared[value] + (paths[value] ** 2 if j + 1 < len(alt) else 0)
                 if not may_be_empty[value]:
                     break
             else:
                 total += 1
-        paths[r] = min(total, MAX_STACKS + 1)
-    return max(depth, default=0), max(visits, default=0), max(paths, default=0)
+        paths[r] = min(total, cap)
+        shared[r] = min(common, cap)
+    work = max((min(p * p, cap) + w for p, w in zip(paths, shared)), default=0)
+    return max(depth, default=0), max(visits, default=0), max(paths, default=0), work
 
 
 def check_grammar(text, root="root", n_vocab=None) -> dict:
@@ -337,7 +346,8 @@ def check_grammar(text, root="root", n_vocab=None) -> dict:
     Checks the syntax as llama.cpp's parser reads it, that root is defined, and that the
     grammar's shape is within this module's limits (nesting, chains of leftmost rule references,
     stacks, size); <[id]> tokens must be below n_vocab when given.  Takes time linear in the
-    grammar's length.  Returns {n_rules, n_elements, nesting, left_chain, left_visits, stacks}.
+    grammar's length.  Returns {n_rules, n_elements, nesting, left_chain, left_visits, stacks,
+    stack_work}.
     """
     if isinstance(text, (bytes, bytearray, memoryview)):
         try:
@@ -361,7 +371,7 @@ def check_grammar(text, root="root", n_vocab=None) -> dict:
         raise GrammarError(f"invalid grammar: no '{root_name}' rule")
     n_rules = len(p.symbols)
     rules = [p.rules[i] for i in range(n_rules)]
-    left_chain, left_visits, stacks = _analyse(rules, n_rules)
+    left_chain, left_visits, stacks, stack_work = _analyse(rules, n_rules)
     if left_chain > MAX_LEFT_CHAIN:
         raise GrammarError(f"invalid grammar: a chain of {left_chain} rules, each starting with the "
                            f"next; llama.cpp supports at most {MAX_LEFT_CHAIN}")
@@ -369,8 +379,10 @@ def check_grammar(text, root="root", n_vocab=None) -> dict:
         raise GrammarError("invalid grammar: rules whose alternatives start with the same rules "
                            f"over and over; llama.cpp's check of it would take over {MAX_LEFT_VISITS} "
                            "steps (exponential in the depth)")
-    if stacks > MAX_STACKS:
-        raise GrammarError(f"invalid grammar: a rule with over {MAX_STACKS} ways to start (e.g. a "
-                           "huge alternation); llama.cpp's cost grows with their square")
+    if stack_work > MAX_STACK_WORK:
+        raise GrammarError(f"invalid grammar: a rule that expands to {stacks} stacks before its first "
+                           "character (a huge alternation, or alternatives deep in a chain of rules); "
+                           "llama.cpp's work grows with their square times their depth")
     return {"n_rules": n_rules, "n_elements": p.n_elements, "nesting": nesting,
-            "left_chain": left_chain, "left_visits": left_visits, "stacks": stacks}
+            "left_chain": left_chain, "left_visits": left_visits, "stacks": stacks,
+            "stack_work": stack_work}

@@ -3,7 +3,9 @@
 It takes a valid tiny model, makes mutated copies (truncations at every section boundary and at
 random offsets, flipped bytes in the header, key/value and tensor-info sections, huge counts and
 lengths, wrong types, tensor offsets past the end, duplicate keys and tensor names, and re-typed
-or out-of-range values of the keys llama.cpp reads) and loads each in a worker process.  Every
+or out-of-range values of the keys llama.cpp reads: counts, enums, token ids, flags, floats,
+arrays of other lengths, dropped keys, the expert keys together) and loads each in a worker
+process.  Every
 case must end in ModelLoadError or a successful load: a signal, a hang past the timeout or any
 other exception is a failure.  A worker runs many cases in a row (a Python start costs more than a
 load); when one dies, the case it was on is the culprit and a fresh worker goes on.
@@ -344,11 +346,159 @@ def m_tensor_shape(lay, rng):
         yield f"ne[{j}] of {t['name']} = {value}", put(lay.data, t["ne_offs"][j], "<q", value)
 
 
+# Keys llama.cpp reads (src/llama-model.cpp load_hparams, src/llama-vocab.cpp load), by kind: the
+# metadata category below re-types them, moves them to edge values, drops them, and sets the
+# related ones (experts, special tokens) together.
+A = "llama"
+META_COUNTS = [f"{A}.{k}" for k in (
+    "block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "context_length", "rope.dimension_count", "expert_count",
+    "expert_used_count", "expert_group_count", "expert_group_used_count", "expert_shared_count",
+    "nextn_predict_layers", "attention.key_length", "attention.value_length", "vocab_size",
+    "attention.sliding_window", "expert_feed_forward_length", "rope.scaling.original_context_length",
+    "embedding_length_out")] + ["tokenizer.ggml.token_type_count"]
+META_ENUMS = {
+    f"{A}.rope.scaling.type": ["none", "linear", "yarn", "longrope", "dynamic", "", "YARN"],
+    "tokenizer.ggml.model": ["llama", "gpt2", "bert", "t5", "rwkv", "plamo2", "gemma4", "none",
+                             "no_vocab", "whitespace", "hybriddna", "test", "x"],
+    "tokenizer.ggml.pre": ["default", "llama3", "llama-bpe", "tekken", "chatglm-bpe", "qwen2",
+                           "gpt-2", "unknown", ""],
+    "general.architecture": ["llama", "qwen2", "gemma3", "t5", "bert", "mamba", "rwkv6", "clip",
+                             "wavtokenizer-dec", "deepseek2", "x"],
+}
+META_ENUM_INTS = [f"{A}.pooling_type", "general.file_type", f"{A}.rope.scaling.type_id"]
+META_IDS = [f"tokenizer.ggml.{k}_token_id" for k in (
+    "bos", "eos", "unknown", "seperator", "padding", "eot", "eom", "mask", "fim_pre", "fim_suf",
+    "fim_mid", "fim_pad", "fim_rep", "fim_sep", "prefix", "suffix", "middle")]
+META_FLAGS = [f"tokenizer.ggml.{k}" for k in ("add_bos_token", "add_eos_token", "add_sep_token",
+                                             "add_space_prefix", "remove_extra_whitespaces")] + [
+    f"{A}.attention.causal", f"{A}.use_parallel_residual", f"{A}.rope.scaling.finetuned"]
+META_FLOATS = [f"{A}.{k}" for k in (
+    "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon",
+    "attention.layer_norm_epsilon", "attention.scale", "logit_scale", "final_logit_softcapping",
+    "attn_logit_softcapping", "rope.scaling.attn_factor", "expert_weights_scale")]
+META_ARRAYS = ["tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+               "tokenizer.ggml.merges", f"{A}.expert_used_count", f"{A}.feed_forward_length",
+               f"{A}.attention.head_count", f"{A}.attention.head_count_kv", "tokenizer.ggml.suppress_tokens"]
+COUNT_VALUES = [0, 1, 2, 3, 7, 8, 64, 511, 512, 513, 1024, 1025, 2 ** 16, 2 ** 20, 2 ** 31 - 1,
+                2 ** 31, 2 ** 32 - 1]
+ID_VALUES = [0, 1, 2, 3, 599, 600, 601, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1]
+FLOAT_VALUES = [0.0, -0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf"), float("-inf"), 3.4e38]
+TYPE_SWAPS = [U8, I8, U16, I16, U32, I32, F32, BOOL, STR, U64, I64, F64]
+
+
+def _encode(vtype, value):
+    """value as vtype (a re-typed key), clamped into the type's range."""
+    if vtype == STR:
+        return str(value)
+    if vtype in (F32, F64):
+        return float(value) if not isinstance(value, str) else 0.0
+    if isinstance(value, float):
+        value = 0 if value != value or value in (float("inf"), float("-inf")) else int(value)
+    if isinstance(value, str):
+        value = len(value)
+    size = struct.calcsize(SCALAR_FMT[vtype])
+    lo, hi = ((-2 ** (8 * size - 1), 2 ** (8 * size - 1) - 1) if SCALAR_FMT[vtype][1].islower()
+              else (0, 2 ** (8 * size) - 1))
+    if vtype == BOOL:
+        lo, hi = -128, 127
+    return min(max(int(value), lo), hi)
+
+
+def m_metadata(lay, rng):
+    """Metadata values: counts, enums, ids, flags and floats at edge values, re-typed, dropped,
+    arrays of other lengths, and the related keys set together (experts, special tokens)."""
+    kvs, tis, blob = lay.header_and_blob()
+    keys = [kv["key"] for kv in lay.kvs]
+    base = dict(zip(keys, kvs))
+    n_vocab = lay.kv("tokenizer.ggml.tokens")["count"]
+    while True:
+        records = dict(base)
+        labels = []
+        for _ in range(rng.choice((1, 1, 1, 2, 3))):
+            r = rng.random()
+            if r < 0.12:
+                key = rng.choice(keys + META_COUNTS[:8] + META_IDS[:4])
+                records.pop(key, None)
+                labels.append(f"drop {key}")
+                continue
+            if r < 0.3:
+                key, vtype = rng.choice(META_COUNTS), U32
+                value = rng.choice(COUNT_VALUES + [rng.randrange(2 ** 32)])
+            elif r < 0.42:
+                key = rng.choice(list(META_ENUMS))
+                vtype, value = STR, rng.choice(META_ENUMS[key])
+            elif r < 0.48:
+                key, vtype, value = rng.choice(META_ENUM_INTS), U32, rng.choice([0, 1, 2, 3, 4, 5, 99, 2 ** 32 - 1])
+            elif r < 0.6:
+                key, vtype = rng.choice(META_IDS), U32
+                value = rng.choice(ID_VALUES + [n_vocab - 1, n_vocab])
+            elif r < 0.68:
+                key, vtype, value = rng.choice(META_FLAGS), BOOL, rng.choice([0, 1, 2, -1])
+            elif r < 0.76:
+                key, vtype, value = rng.choice(META_FLOATS), F32, rng.choice(FLOAT_VALUES)
+            elif r < 0.88:
+                key = rng.choice(META_ARRAYS)
+                etype = {"tokenizer.ggml.tokens": STR, "tokenizer.ggml.merges": STR,
+                         "tokenizer.ggml.scores": F32}.get(key, I32 if "token" in key else U32)
+                n = rng.choice([0, 1, 2, n_vocab - 1, n_vocab + 1, 513])
+                if etype == STR:
+                    value = [f"t{i}" for i in range(n)] if "tokens" in key else ["a b"] * n
+                else:
+                    fill = rng.choice([0, 1, 2, 6, 8, 99])
+                    value = [float(fill) if etype == F32 else fill] * n
+                rec = kv_record(key, ARR, value, etype)
+                records[key] = rec
+                labels.append(f"{key} = {etype}[{n}]")
+                continue
+            else:
+                # a known key re-typed, with its value kept where the type allows
+                key = rng.choice([k for k in keys if lay.kv(k)["type"] not in (ARR,)])
+                kv = lay.kv(key)
+                raw = lay.data[kv["type_off"] + 4:kv["end"]]
+                old = (raw[8:].decode("utf-8", "replace") if kv["type"] == STR
+                       else struct.unpack(SCALAR_FMT[kv["type"]], raw)[0])
+                vtype = rng.choice([t for t in TYPE_SWAPS if t != kv["type"]] + [ARR])
+                if vtype == ARR:
+                    value, etype = [old], (STR if isinstance(old, str) else U32)
+                    if etype == U32:
+                        value = [_encode(U32, old)]
+                    records[key] = kv_record(key, ARR, value, etype)
+                    labels.append(f"{key} re-typed to an array")
+                    continue
+                value = old
+            value = _encode(vtype, value)
+            records[key] = kv_record(key, vtype, value)
+            labels.append(f"{key} = {vtype}:{value!r}"[:120])
+        yield "; ".join(labels), build(list(records.values()), tis, blob, lay.alignment)
+
+
+def m_experts(lay, rng):
+    """The expert keys set together, as a mixture-of-experts file has them."""
+    kvs, tis, blob = lay.header_and_blob()
+    keys = [kv["key"] for kv in lay.kvs]
+    while True:
+        n_expert = rng.choice([0, 1, 2, 4, 8, 60, 1024, 1025, 2 ** 20, 2 ** 32 - 1])
+        used = rng.choice([0, 1, 2, n_expert, n_expert + 1, 8])
+        groups = rng.choice([0, 0, 1, 2, 3, n_expert, n_expert + 1])
+        group_used = rng.choice([0, 1, 2, groups, groups - 1 if groups else 0])
+        new = dict(zip(keys, kvs))
+        for key, value in ((f"{A}.expert_count", n_expert), (f"{A}.expert_used_count", used),
+                           (f"{A}.expert_group_count", groups), (f"{A}.expert_group_used_count", group_used)):
+            if rng.random() < 0.85:
+                new[key] = kv_record(key, U32, _encode(U32, value))
+        if rng.random() < 0.2:         # per-layer used counts
+            new[f"{A}.expert_used_count"] = kv_record(f"{A}.expert_used_count", ARR, [_encode(U32, used)], U32)
+        yield (f"experts {n_expert}, used {used}, groups {groups}, group used {group_used}",
+               build(list(new.values()), tis, blob, lay.alignment))
+
+
 CATEGORIES = {
     "truncate_boundary": m_truncate_boundary, "truncate_random": m_truncate_random,
     "flip_header": m_flip_header, "flip_kv": m_flip_kv, "flip_tensor_info": m_flip_tensor_info,
     "huge": m_huge, "wrong_type": m_wrong_type, "tensor_offset": m_tensor_offset,
     "duplicate": m_duplicate, "semantic": m_semantic, "tensor_shape": m_tensor_shape,
+    "metadata": m_metadata, "experts": m_experts,
 }
 
 
@@ -380,6 +530,12 @@ import os, sys, alpaca2
 if os.environ.get("GGUF_FUZZ_NO_PRECHECK"):
     import alpaca2._gguf_check
     alpaca2._gguf_check.validate = lambda path: None      # what llama.cpp alone does
+elif os.environ.get("GGUF_FUZZ_PRECHECK_FROM"):           # another version of the pre-check
+    import importlib.util, alpaca2._gguf_check
+    spec = importlib.util.spec_from_file_location("other_gguf_check", os.environ["GGUF_FUZZ_PRECHECK_FROM"])
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    alpaca2._gguf_check.validate = other.validate
 use = bool(os.environ.get("GGUF_FUZZ_USE"))
 out = sys.stdout
 out.write("READY\n"); out.flush()
@@ -444,7 +600,7 @@ class _Worker:
 
 
 def run_cases(case_list, workdir, timeout=20.0, precheck=True, use=False, save_failures=None,
-              log=None):
+              log=None, precheck_from=None):
     """Load each case in worker processes; returns a list of (category, label, outcome, detail).
 
     outcome: "loaded", "precheck" (ModelLoadError from alpaca2's pre-check), "llama" (ModelLoadError
@@ -455,6 +611,9 @@ def run_cases(case_list, workdir, timeout=20.0, precheck=True, use=False, save_f
     env["GGML_NO_BACKTRACE"] = "1"          # ggml's abort would run gdb for a backtrace: slow
     env.pop("GGUF_FUZZ_NO_PRECHECK", None)
     env.pop("GGUF_FUZZ_USE", None)
+    env.pop("GGUF_FUZZ_PRECHECK_FROM", None)
+    if precheck_from:
+        env["GGUF_FUZZ_PRECHECK_FROM"] = str(precheck_from)
     if not precheck:
         env["GGUF_FUZZ_NO_PRECHECK"] = "1"
     if use:
@@ -521,6 +680,8 @@ def main(argv=None):
     ap.add_argument("--model", help="seed GGUF file (default: a tiny model made here)")
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--no-precheck", action="store_true", help="skip alpaca2's pre-check")
+    ap.add_argument("--precheck-from", metavar="FILE",
+                    help="use the validate() of this _gguf_check.py (e.g. an older version)")
     ap.add_argument("--use", action="store_true", help="after a load: tokenize, a context, one decode")
     ap.add_argument("--category", action="append", choices=list(CATEGORIES))
     ap.add_argument("--save-failures", metavar="DIR")
@@ -531,7 +692,8 @@ def main(argv=None):
         t0 = time.monotonic()
         results = run_cases(cases(data, args.cases, args.seed, args.category), tmp, args.timeout,
                             precheck=not args.no_precheck, use=args.use,
-                            save_failures=args.save_failures, log=print)
+                            save_failures=args.save_failures, log=print,
+                            precheck_from=args.precheck_from)
         took = time.monotonic() - t0
     by_cat, total = summary(results)
     print(f"{len(results)} cases in {took:.0f} s (seed {args.seed}, pre-check "

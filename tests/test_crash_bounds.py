@@ -45,7 +45,8 @@ def test_a_chain_without_a_final_stage_refuses_to_sample(tiny_path):
         expect(alpaca2.SamplerError, alpaca2.SamplerChain().sample, c)
         print("then", chain.add("greedy").sample(c) >= 0)
     """)
-    assert out.count("RAISED SamplerError") == 3 and "then True" in out, out
+    # IncompleteChainError: a SamplerError and a ValueError
+    assert out.count("RAISED IncompleteChainError") == 3 and "then True" in out, out
 
 
 def test_speculator_catch_up_after_steps_without_drafting(tiny_path, other_path):

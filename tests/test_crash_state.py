@@ -20,15 +20,6 @@ def expect(exc, fn, *a, **k):
     print("NO EXCEPTION from", getattr(fn, "__name__", fn))
 """
 
-try:
-    from alpaca2 import _state_check  # noqa: F401   (issue 14b: blob and file checks)
-    HAVE_STATE_CHECK = True
-except ImportError:
-    HAVE_STATE_CHECK = False
-needs_state_check = pytest.mark.xfail(not HAVE_STATE_CHECK, reason="alpaca2._state_check not merged yet",
-                                      strict=False)
-
-
 def run_case(code, timeout=120):
     r = run_python(PRELUDE + textwrap.dedent(code), timeout=timeout)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
@@ -56,7 +47,6 @@ def test_a_state_without_logits_loads_then_sampling_raises(tiny_path):
     assert out.count("RAISED ValueError") == 4 and "after decode True" in out, out
 
 
-@needs_state_check
 def test_a_tiny_state_blob_is_refused_before_llama_cpp_reads_it(tiny_path):
     out = run_case(f"""
         import resource
@@ -72,7 +62,6 @@ def test_a_tiny_state_blob_is_refused_before_llama_cpp_reads_it(tiny_path):
     assert int(out.split("grew MiB ")[1].split()[0]) < 256, out
 
 
-@needs_state_check
 def test_a_tiny_state_file_is_refused(tiny_path, tmp_path):
     kv = tmp_path / "bad.kv"
     kv.write_bytes(b"ggsn" + b"\x09\x00\x00\x00" + b"\xff" * 13)   # 21 bytes: magic, version, garbage

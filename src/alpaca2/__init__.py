@@ -24,8 +24,8 @@ from alpaca2.templates import (
 )
 from alpaca2.errors import (
     Alpaca2Error, ArgumentTypeError, ArgumentValueError, ClosedError, ContextFullError, DecodeAborted,
-    DecodeError, GrammarError, InvalidBatchError, ModelLoadError, OutOfMemoryError, RPCServerError,
-    SamplerError, StateError, TokenizeError, VocabMismatchError,
+    DecodeError, GrammarError, IncompleteChainError, InvalidBatchError, ModelLoadError, OutOfMemoryError,
+    RPCServerError, SamplerError, StateError, TokenizeError, VocabMismatchError,
 )
 
 __version__ = "0.1.0"
@@ -103,6 +103,7 @@ __all__ = [
     "set_log_level", "chat_apply_template", "chat_builtin_templates", "default_threads", "print_system_info",
     "supports_gpu_offload", "supports_rpc", "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",
     "Alpaca2Error", "ArgumentTypeError", "ArgumentValueError", "ClosedError", "ContextFullError",
-    "DecodeAborted", "DecodeError", "GrammarError", "InvalidBatchError", "ModelLoadError", "OutOfMemoryError",
-    "RPCServerError", "SamplerError", "StateError", "TokenizeError", "VocabMismatchError",
+    "DecodeAborted", "DecodeError", "GrammarError", "IncompleteChainError", "InvalidBatchError",
+    "ModelLoadError", "OutOfMemoryError", "RPCServerError", "SamplerError", "StateError", "TokenizeError",
+    "VocabMismatchError",
 ]

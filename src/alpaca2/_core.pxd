@@ -41,6 +41,10 @@ cdef class Context:
     cdef int _n_batch
     cdef int _n_seq_max
     cdef bint _embeddings
+    cdef readonly str type_k          # the KV cache's types, as given ("f16", "q8_0", ...)
+    cdef readonly str type_v
+    cdef readonly bint kv_unified
+    cdef readonly object flash_attn   # True, False or "auto" (as given; llama.cpp decides "auto")
     cdef int _flags                   # _ABORT (abort() was called) | _WATCH_SIGINT; read by the abort callback
     cdef object _lock                 # RLock: every call that touches ptr/mem, and close()
     cdef object _all_logits           # (n, n_vocab) float32 when decode(logits="all") spanned batches

@@ -119,6 +119,10 @@ class Context:
     def n_ubatch(self) -> int: ...
     @property
     def n_seq_max(self) -> int: ...
+    type_k: str
+    type_v: str
+    kv_unified: bool
+    flash_attn: bool | Literal["auto"]
     @property
     def n_vocab(self) -> int: ...
     @property

@@ -30,7 +30,7 @@ import numpy as np
 from alpaca2.errors import (
     Alpaca2Error, ModelLoadError, ContextFullError, DecodeError, DecodeAborted, ClosedError,
     TokenizeError, StateError, GrammarError, SamplerError, VocabMismatchError, OutOfMemoryError, RPCServerError,
-    ArgumentTypeError, ArgumentValueError, InvalidBatchError,
+    ArgumentTypeError, ArgumentValueError, InvalidBatchError, IncompleteChainError,
 )
 
 cnp.import_array()

@@ -45,6 +45,10 @@ class SamplerError(Alpaca2Error, RuntimeError):
     """llama.cpp's sampler chain failed (e.g. logits longer than the vocabulary)."""
 
 
+class IncompleteChainError(SamplerError, ValueError):
+    """A sampler chain with no final stage that picks the token (dist, greedy, mirostat)."""
+
+
 class ArgumentTypeError(Alpaca2Error, TypeError):
     """An argument of the wrong type (a float, str or complex where an int is needed, ...)."""
 
@@ -57,6 +61,7 @@ __all__ = [
     "Alpaca2Error", "ModelLoadError", "ContextFullError", "DecodeError", "DecodeAborted",
     "ClosedError", "TokenizeError", "StateError", "GrammarError", "SamplerError", "VocabMismatchError",
     "OutOfMemoryError", "RPCServerError", "ArgumentTypeError", "ArgumentValueError", "InvalidBatchError",
+    "IncompleteChainError",
 ]
 
 

@@ -181,6 +181,10 @@ cdef class Context:
         self._n_batch = llama_n_batch(self.ptr)
         self._n_seq_max = llama_n_seq_max(self.ptr)
         self._embeddings = embeddings
+        self.type_k = type_k
+        self.type_v = type_v
+        self.kv_unified = kv_unified
+        self.flash_attn = {"on": True, "enabled": True, "off": False, "disabled": False}.get(flash_attn, flash_attn)
         self._batch = Batch(self._n_batch, 1)
         self._all_logits = None
         self._n_outputs = 0
@@ -560,7 +564,7 @@ cdef class Context:
         with self._lock:
             self._check()
             if check is not None:
-                check.check_state(bytes(data), check.expectations(self))
+                check.check_state(data, check.expectations(self))
             with nogil:
                 n = llama_state_set_data(self.ptr, &data[0], size)
             if n == 0:

@@ -45,7 +45,7 @@ cdef class SamplerChain:
 
     cdef int _check_selects(self) except -1:
         if not self._names or self._names[-1] not in _SELECTING:
-            raise SamplerError(f"this chain ({', '.join(self._names) or 'empty'}) has no final stage that "
+            raise IncompleteChainError(f"this chain ({', '.join(self._names) or 'empty'}) has no final stage that "
                                "picks a token: end it with 'dist', 'greedy' or 'mirostat'")
         return 0
 

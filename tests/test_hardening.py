@@ -117,13 +117,19 @@ def test_alignment_below_32_aborts_llama_cpp_when_mapped(seed_bytes, tmp_path):
     assert_precheck_refuses_what_llama_cpp_aborts_on(path, "not a multiple of 32", "buffer pointer must be aligned")
 
 
-def test_spm_vocabulary_without_byte_tokens_aborts_llama_cpp_in_tokenize(seed_bytes, tmp_path):
+def test_spm_vocabulary_without_byte_tokens_throws_in_llama_cpp_tokenize(seed_bytes, tmp_path):
     lay = gguf_fuzz.Layout(seed_bytes)
     n = lay.kv("tokenizer.ggml.tokens")["count"]
     path = tmp_path / "nobytes.gguf"
     data = with_key(seed_bytes, "tokenizer.ggml.tokens", ARR, [f"t{i}" for i in range(n)], STR)
     path.write_bytes(with_key(data, "tokenizer.ggml.token_type", ARR, [1] * n, I32))
-    assert_precheck_refuses_what_llama_cpp_aborts_on(path, "no byte token", "std::out_of_range")
+    r = load_and_use(path, precheck=True)
+    assert r.returncode == 0 and "ModelLoadError:" in r.stdout and "no byte token" in r.stdout, r.stdout
+    # straight into llama.cpp: its std::out_of_range (which used to abort the process) now comes
+    # out of the tokenizer's except+ declarations as a TokenizeError
+    r = load_and_use(path, precheck=False)
+    assert r.returncode == 1 and "TokenizeError" in r.stderr and "failed inside llama.cpp" in r.stderr, \
+        (r.returncode, r.stdout, r.stderr[-2000:])
 
 
 def test_bert_vocabulary_with_byte_tokens_aborts_llama_cpp(seed_bytes, tmp_path):

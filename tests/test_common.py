@@ -525,8 +525,11 @@ def llama_server(model_path, template_path):
         proc.wait(30)
 
 
-ORACLE_TEMPLATES = ["NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja", "Qwen-Qwen2.5-7B-Instruct.jinja",
-                    "mistralai-Mistral-Nemo-Instruct-2407.jinja", "meta-llama-Llama-3.2-3B-Instruct.jinja"]
+ORACLE_TEMPLATES = [  # (template, llama-server renders ORACLE_MESSAGES)
+    ("NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja", True), ("Qwen-Qwen2.5-7B-Instruct.jinja", True),
+    ("meta-llama-Llama-3.2-3B-Instruct.jinja", True),
+    ("mistralai-Mistral-Nemo-Instruct-2407.jinja", False),   # its template refuses a tool turn between
+]
 ORACLE_MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Weather in Paris? </s><s>[INST] \x00 ok"},
@@ -537,30 +540,44 @@ ORACLE_MESSAGES = [
 ]
 
 
-@pytest.mark.parametrize("name", ORACLE_TEMPLATES)
-def test_prompt_and_tool_call_equal_llama_server(model, tiny_path, name):
+@pytest.fixture(scope="module")
+def long_ctx_path(model_dir, tokenizer_path):
+    """The tiny model with a 4096-token training context (the tool prompts are long in an 800-piece vocabulary)."""
+    shape = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_head_kv": 2, "n_ff": 128, "n_ctx_train": 4096}
+    return alpaca2.testing.make_model(model_dir / "tiny-4k.gguf", shape=shape, tokenizer=tokenizer_path)
+
+
+@pytest.mark.parametrize("name,renders", ORACLE_TEMPLATES)
+def test_prompt_and_tool_call_equal_llama_server(long_ctx_path, name, renders):
     path = TEMPLATES / name
     if not path.exists():
         pytest.skip(f"{path} is not in this llama.cpp tree")
+    model = alpaca2.Model(long_ctx_path)
     fmt = ChatFormatter(model, template=path.read_text())
     request = {"messages": ORACLE_MESSAGES, "tools": [WEATHER_TOOL]}
-    with llama_server(tiny_path, path) as client:
+    forced = {"messages": USER, "tools": [SHORT_CITY_TOOL], "tool_choice": "required", "parallel_tool_calls": False}
+    with llama_server(long_ctx_path, path) as client:
         r = client.post("/apply-template", json=request)
-        assert r.status_code == 200, r.text
-        assert fmt.apply(ORACLE_MESSAGES, tools=[WEATHER_TOOL])["prompt"] == r.json()["prompt"]
+        if renders:
+            assert r.status_code == 200, r.text
+            assert fmt.apply(ORACLE_MESSAGES, tools=[WEATHER_TOOL])["prompt"] == r.json()["prompt"]
+        else:
+            assert r.status_code == 400
+            with pytest.raises(ChatTemplateError):
+                fmt.apply(ORACLE_MESSAGES, tools=[WEATHER_TOOL])
         # a forced tool call: the tiny model's text under llama-server's grammar, and its parse
-        body = dict(request, tool_choice="required", temperature=0, max_tokens=300, seed=1)
-        r = client.post("/v1/chat/completions", json=body)
+        r = client.post("/v1/chat/completions", json=dict(forced, temperature=0, max_tokens=40, seed=1))
         assert r.status_code == 200, r.text
         data = r.json()
-        raw = data["__verbose"]["content"]
-        expected = data["choices"][0]["message"]
-    state = fmt.apply(ORACLE_MESSAGES, tools=[WEATHER_TOOL], tool_choice="required")
+    # max_tokens can cut a UTF-8 character: llama-server parses only whole ones ("\ufffd" in its JSON)
+    raw = data["__verbose"]["content"].rstrip("\ufffd")
+    expected = data["choices"][0]["message"]
+    state = fmt.apply(USER, tools=[SHORT_CITY_TOOL], tool_choice="required", parallel_tool_calls=False)
     got = fmt.parse(raw, state=state)
-    assert got["tool_calls"] and expected["tool_calls"]
-    for tc in got["tool_calls"] + expected["tool_calls"]:
+    for tc in got.get("tool_calls", []) + expected.get("tool_calls", []):
         tc.pop("id", None)                                   # random on both sides
     assert got == expected
+    model.close()
 
 
 # --- the core's lazy grammar stage (tool_choice=auto) ----------------------------------------

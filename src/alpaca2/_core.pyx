@@ -42,6 +42,11 @@ cdef extern from "llama.h" nogil:
     void sampler_accept_cpp "llama_sampler_accept"(llama_sampler * smpl, llama_token token) except +
     void sampler_apply_cpp "llama_sampler_apply"(llama_sampler * smpl, llama_token_data_array * cur_p) except +
     llama_token sampler_sample_cpp "llama_sampler_sample"(llama_sampler * smpl, llama_context * ctx, int32_t idx) except +
+    # a trigger pattern is compiled as a std::regex: a bad one throws
+    llama_sampler * sampler_init_grammar_lazy_cpp "llama_sampler_init_grammar_lazy_patterns"(
+        const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+        const char ** trigger_patterns, size_t num_trigger_patterns,
+        const llama_token * trigger_tokens, size_t num_trigger_tokens) except +
     # the tokenizer allocates and indexes (std::bad_alloc, std::out_of_range) inside the C API too
     int32_t tokenize_cpp "llama_tokenize"(const llama_vocab * vocab, const char * text, int32_t text_len,
                                           llama_token * tokens, int32_t n_tokens_max, bint add_special,

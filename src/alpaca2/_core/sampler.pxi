@@ -15,7 +15,8 @@ cdef class SamplerChain:
     Primitives: greedy, dist(seed), top_k(k), top_p(p), min_p(p), typical(p), temp(t),
     temp_ext(t, delta, exponent), xtc(p, t, seed), top_n_sigma(n),
     penalties(last_n, repeat, freq, present), mirostat_v2(tau, eta, seed); with a model:
-    logit_bias(model, {token: bias}), grammar(model, gbnf, root), mirostat(model, tau, eta, seed).
+    logit_bias(model, {token: bias}), grammar(model, gbnf, root), mirostat(model, tau, eta, seed),
+    grammar_lazy(model, gbnf, patterns=[regex, ...], tokens=[id, ...]) (starts at a trigger).
     A chain samples only when it ends with greedy, dist or mirostat (SamplerError otherwise).
     ``seed=None`` draws a random seed (llama.cpp's LLAMA_DEFAULT_SEED, 0xFFFFFFFF, means that);
     a seed is otherwise an int in [0, 0xFFFFFFFE].  A chain with a model-bound stage keeps the
@@ -265,7 +266,7 @@ cdef llama_sampler * _make_primitive(SamplerChain chain, str kind, tuple args, d
     elif kind == "mirostat_v2":
         s = llama_sampler_init_mirostat_v2(_seed(kw.get("seed")), _float_arg(kw.get("tau", 5.0), "mirostat_tau"),
                                            _float_arg(kw.get("eta", 0.1), "mirostat_eta"))
-    elif kind in ("mirostat", "logit_bias", "grammar"):
+    elif kind in ("mirostat", "logit_bias", "grammar", "grammar_lazy"):
         model = _model_arg(args[0] if args else kw.get("model"), kind)
         with model._lock:
             model._check()
@@ -287,6 +288,8 @@ cdef llama_sampler * _make_primitive(SamplerChain chain, str kind, tuple args, d
                     s = llama_sampler_init_logit_bias(model._n_vocab, len(checked), biases)
                 finally:
                     free(biases)
+            elif kind == "grammar_lazy":
+                s = _make_grammar_lazy(model, args, kw)
             else:
                 text = args[1] if len(args) > 1 else kw["grammar"]
                 root_name = kw.get("root", args[2] if len(args) > 2 else "root")
@@ -316,6 +319,47 @@ cdef llama_sampler * _make_primitive(SamplerChain chain, str kind, tuple args, d
         raise ValueError(f"unknown sampler primitive {kind!r}")
     if s == NULL:
         raise Alpaca2Error(f"llama.cpp could not create the {kind!r} sampler")
+    return s
+
+
+cdef llama_sampler * _make_grammar_lazy(Model model, tuple args, dict kw) except NULL:
+    # grammar_lazy(model, gbnf, patterns=[regex...], tokens=[id...], root="root"): free text until a
+    # trigger (a pattern matching the output so far, or a token), then the grammar (tool calls:
+    # ChatFormatter.apply()'s grammar, lazy_patterns and lazy_tokens). Called with model._lock held.
+    text = args[1] if len(args) > 1 else kw["grammar"]
+    root_name = kw.get("root", "root")
+    if not isinstance(text, (str, bytes)) or not isinstance(root_name, (str, bytes)):
+        raise ArgumentTypeError("a grammar and its root are GBNF text (str or bytes)")
+    from alpaca2._grammar_check import check_grammar
+    check_grammar(text, root_name if isinstance(root_name, str) else root_name.decode("utf-8", "replace"),
+                  model._n_vocab)
+    gbnf = _to_bytes(text)
+    root = _to_bytes(root_name)
+    patterns = [_to_bytes(p) for p in kw.get("patterns", ())]
+    tokens = [_token_arg(t, model._n_vocab) for t in kw.get("tokens", ())]
+    if not patterns and not tokens:
+        raise ArgumentValueError("a lazy grammar needs trigger patterns or trigger tokens")
+    cdef const char ** c_patterns = <const char **>malloc(max(len(patterns), 1) * sizeof(char *))
+    cdef llama_token * c_tokens = <llama_token *>malloc(max(len(tokens), 1) * sizeof(llama_token))
+    cdef llama_sampler * s = NULL
+    cdef Py_ssize_t i
+    try:
+        if c_patterns == NULL or c_tokens == NULL:
+            raise MemoryError()
+        for i in range(len(patterns)):
+            c_patterns[i] = <bytes>patterns[i]
+        for i in range(len(tokens)):
+            c_tokens[i] = tokens[i]
+        try:
+            s = sampler_init_grammar_lazy_cpp(model.vocab, gbnf, root, c_patterns, len(patterns),
+                                              c_tokens, len(tokens))
+        except Exception as e:
+            raise GrammarError(f"the lazy grammar or its trigger patterns could not be compiled: {e}") from None
+    finally:
+        free(c_patterns)
+        free(c_tokens)
+    if s == NULL:
+        raise GrammarError("the GBNF grammar could not be parsed (Model(..., verbose=True) shows where)")
     return s
 
 

@@ -8,10 +8,16 @@ import alpaca2
 from conftest import LLAMA_CPP_DIR
 
 PXD_DIR = Path(alpaca2.get_include()) / "alpaca2" / "_c"
+# one .pxd per C header
 HEADERS = {"llama.pxd": LLAMA_CPP_DIR / "include" / "llama.h",
-           "ggml.pxd": LLAMA_CPP_DIR / "ggml" / "include" / "ggml.h"}
-# ggml.pxd also declares from ggml-backend.h
-EXTRA = {"ggml.pxd": [LLAMA_CPP_DIR / "ggml" / "include" / "ggml-backend.h"]}
+           "ggml.pxd": LLAMA_CPP_DIR / "ggml" / "include" / "ggml.h",
+           "ggml_backend.pxd": LLAMA_CPP_DIR / "ggml" / "include" / "ggml-backend.h",
+           "ggml_rpc.pxd": LLAMA_CPP_DIR / "ggml" / "include" / "ggml-rpc.h"}
+# the .pxd files that declare named enums
+WITH_ENUMS = ["ggml.pxd", "ggml_backend.pxd", "llama.pxd"]
+# the function prefix each .pxd declares (its header's own API)
+PREFIX = {"llama.pxd": "llama_", "ggml.pxd": "ggml_", "ggml_backend.pxd": "ggml_backend_",
+          "ggml_rpc.pxd": "ggml_backend_rpc_"}
 # structs whose every field the .pxd must declare (we fill them field by field)
 COMPLETE = {"llama_model_params", "llama_context_params", "llama_batch", "llama_token_data",
             "llama_token_data_array", "llama_perf_context_data", "llama_perf_sampler_data"}
@@ -60,14 +66,15 @@ def headers():
         pytest.skip("llama.cpp source tree not available")
     out = {}
     for pxd, h in HEADERS.items():
-        text = strip_c_comments(h.read_text())
-        for extra in EXTRA.get(pxd, []):
-            text += strip_c_comments(extra.read_text())
-        out[pxd] = text
+        out[pxd] = strip_c_comments(h.read_text())
     return out
 
 
-@pytest.mark.parametrize("pxd", sorted(HEADERS))
+def test_there_is_one_pxd_per_header():
+    assert sorted(p.name for p in PXD_DIR.glob("*.pxd") if p.name != "__init__.pxd") == sorted(HEADERS)
+
+
+@pytest.mark.parametrize("pxd", WITH_ENUMS)
 def test_enum_members_exist_in_the_header_in_the_same_order(pxd, headers):
     decl = pxd_blocks((PXD_DIR / pxd).read_text(), "enum")
     have = c_enums(headers[pxd])
@@ -103,3 +110,23 @@ def test_functions_declared_in_the_pxd_exist_in_the_header(headers):
     assert len(names) > 80
     for n in set(names):
         assert re.search(rf"\b{n}\s*\(", headers["llama.pxd"]), f"{n} is not declared in llama.h"
+
+
+@pytest.mark.parametrize("pxd", sorted(HEADERS))
+def test_each_pxd_declares_only_functions_of_its_own_header(pxd, headers):
+    text = (PXD_DIR / pxd).read_text()
+    prefix = PREFIX[pxd]
+    names = [c or py for py, c in
+             re.findall(rf"^\s+[\w\s\*]*?\b({prefix}\w+)\s*(?:\"(\w+)\")?\s*\(", text, flags=re.M)]
+    assert names, f"no functions parsed from {pxd}"
+    for n in set(names):
+        assert re.search(rf"\b{n}\s*\(", headers[pxd]), f"{n} is not declared in {HEADERS[pxd].name}"
+
+
+def test_rpc_constants_are_the_headers(headers):
+    text = (PXD_DIR / "ggml_rpc.pxd").read_text()
+    names = re.findall(r"^\s+(RPC_PROTO_\w+|GGML_RPC_\w+)\s*$", text, flags=re.M)
+    assert len(names) == 4
+    for name in names:
+        assert re.search(rf"#define\s+{name}\b", HEADERS["ggml_rpc.pxd"].read_text()), \
+            f"{name} is not defined in ggml-rpc.h"

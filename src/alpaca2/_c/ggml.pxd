@@ -1,4 +1,4 @@
-# Declarations from ggml.h / ggml-backend.h / ggml-cpu.h: C names unchanged, nothing else.
+# Declarations from ggml.h: C names unchanged, nothing else (ggml-backend.h: ggml_backend.pxd).
 from libc.stdint cimport int32_t, int64_t, uint32_t
 
 cdef extern from "<stdbool.h>":
@@ -37,42 +37,3 @@ cdef extern from "ggml.h" nogil:
     ctypedef c_bool (*ggml_abort_callback)(void * data) noexcept
 
     const char * ggml_type_name(ggml_type type)
-
-cdef extern from "ggml-backend.h" nogil:
-    ctypedef struct ggml_backend_reg:
-        pass
-    ctypedef struct ggml_backend_device:
-        pass
-    ctypedef ggml_backend_reg * ggml_backend_reg_t
-    ctypedef ggml_backend_device * ggml_backend_dev_t
-    ctypedef void * ggml_backend_buffer_type_t
-    ctypedef void * ggml_backend_t
-    ctypedef void * ggml_backend_sched_eval_callback
-
-    enum ggml_backend_dev_type:
-        GGML_BACKEND_DEVICE_TYPE_CPU
-        GGML_BACKEND_DEVICE_TYPE_GPU
-        GGML_BACKEND_DEVICE_TYPE_IGPU
-        GGML_BACKEND_DEVICE_TYPE_ACCEL
-        GGML_BACKEND_DEVICE_TYPE_META
-
-    const char * ggml_backend_dev_name(ggml_backend_dev_t device)
-    const char * ggml_backend_dev_description(ggml_backend_dev_t device)
-    void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
-    # the C function shares its name with the enum: renamed in Cython only
-    ggml_backend_dev_type ggml_backend_dev_get_type "ggml_backend_dev_type"(ggml_backend_dev_t device)
-    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device)
-
-    const char * ggml_backend_reg_name(ggml_backend_reg_t reg)
-    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
-    size_t ggml_backend_reg_count()
-    ggml_backend_reg_t ggml_backend_reg_get(size_t index)
-    ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
-    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
-    # a backend module's extra entry points (e.g. the RPC backend's), found by name
-    void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
-    ggml_backend_dev_t ggml_backend_dev_by_type(ggml_backend_dev_type type)
-    size_t ggml_backend_dev_count()
-    ggml_backend_dev_t ggml_backend_dev_get(size_t index)
-    ggml_backend_reg_t ggml_backend_load(const char * path)
-    void ggml_backend_load_all_from_path(const char * dir_path)

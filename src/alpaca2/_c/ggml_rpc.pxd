@@ -4,8 +4,9 @@
 # nothing links against these functions: alpaca2 reaches ggml_backend_rpc_add_server and
 # ggml_backend_rpc_start_server through ggml_backend_reg_get_proc_address(reg "RPC", name).
 from libc.stdint cimport uint32_t
-from alpaca2._c.ggml cimport (
-    c_bool, ggml_backend_t, ggml_backend_reg_t, ggml_backend_dev_t, ggml_backend_buffer_type_t,
+from alpaca2._c.ggml cimport c_bool
+from alpaca2._c.ggml_backend cimport (
+    ggml_backend_t, ggml_backend_reg_t, ggml_backend_dev_t, ggml_backend_buffer_type_t,
 )
 
 cdef extern from "ggml-rpc.h" nogil:

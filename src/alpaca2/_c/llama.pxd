@@ -1,9 +1,9 @@
 # Declarations from llama.h (llama.cpp 0c1e57098): C names unchanged, nothing else.
 # tests/test_core_pxd.py checks the enum values here against the header.
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from alpaca2._c.ggml cimport (
-    c_bool, ggml_log_callback, ggml_abort_callback, ggml_type, ggml_backend_dev_t,
-    ggml_backend_buffer_type_t, ggml_backend_sched_eval_callback,
+from alpaca2._c.ggml cimport c_bool, ggml_log_callback, ggml_abort_callback, ggml_type
+from alpaca2._c.ggml_backend cimport (
+    ggml_backend_dev_t, ggml_backend_buffer_type_t, ggml_backend_sched_eval_callback,
 )
 
 cdef extern from "llama.h" nogil:

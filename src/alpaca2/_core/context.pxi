@@ -1,0 +1,549 @@
+# Context: a llama_context (KV cache and compute buffers) over a Model: decode, the KV cache,
+# state save/load. Logits and embeddings are read in logits.pxi. Included by _core.pyx.
+
+_FLASH_ATTN = {"auto": LLAMA_FLASH_ATTN_TYPE_AUTO, True: LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               False: LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               "off": LLAMA_FLASH_ATTN_TYPE_DISABLED, "enabled": LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               "disabled": LLAMA_FLASH_ATTN_TYPE_DISABLED}
+_ROPE_SCALING = {None: LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED, "none": LLAMA_ROPE_SCALING_TYPE_NONE,
+                 "linear": LLAMA_ROPE_SCALING_TYPE_LINEAR, "yarn": LLAMA_ROPE_SCALING_TYPE_YARN,
+                 "longrope": LLAMA_ROPE_SCALING_TYPE_LONGROPE}
+_POOLING = {None: LLAMA_POOLING_TYPE_UNSPECIFIED, "none": LLAMA_POOLING_TYPE_NONE,
+            "mean": LLAMA_POOLING_TYPE_MEAN, "cls": LLAMA_POOLING_TYPE_CLS, "last": LLAMA_POOLING_TYPE_LAST,
+            "rank": LLAMA_POOLING_TYPE_RANK}
+_CACHE_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16, "q8_0": GGML_TYPE_Q8_0,
+                "q4_0": GGML_TYPE_Q4_0, "q4_1": GGML_TYPE_Q4_1, "q5_0": GGML_TYPE_Q5_0,
+                "q5_1": GGML_TYPE_Q5_1, "iq4_nl": GGML_TYPE_IQ4_NL}
+
+
+def default_threads():
+    """Threads for generation: the physical cores this process may use (at least 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+cdef class Context:
+    """A llama.cpp context (KV cache + compute buffers) over a Model.
+
+    Context(model, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=None, n_seq_max=1,
+            flash_attn="auto", embeddings=False, ...)
+
+    One thread at a time: calls from a second thread wait for the first (a lock per context).
+    """
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.mem = NULL
+        self._flags = 0
+
+    def __init__(self, Model model not None, *, int n_ctx=4096, int n_batch=512, int n_ubatch=512,
+                 n_threads=None, n_threads_batch=None, int n_seq_max=1, flash_attn="auto",
+                 bint embeddings=False, pooling=None, rope_freq_base=None, rope_freq_scale=None,
+                 rope_scaling=None, yarn_ext_factor=None, yarn_attn_factor=None, yarn_beta_fast=None,
+                 yarn_beta_slow=None, yarn_orig_ctx=None, type_k="f16", type_v="f16",
+                 bint offload_kqv=True, bint kv_unified=True, bint swa_full=True, bint no_perf=False):
+        model._check()
+        if n_ctx < 0:
+            raise ValueError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx}")
+        if n_batch <= 0 or n_ubatch <= 0:
+            raise ValueError("n_batch and n_ubatch must be positive")
+        if n_seq_max <= 0 or n_seq_max > <int>llama_max_parallel_sequences():
+            raise ValueError(f"n_seq_max must be between 1 and {llama_max_parallel_sequences()}")
+        if flash_attn not in _FLASH_ATTN:
+            raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
+        if rope_scaling not in _ROPE_SCALING:
+            raise ValueError(f"rope_scaling must be one of {list(_ROPE_SCALING)}, got {rope_scaling!r}")
+        if pooling not in _POOLING:
+            raise ValueError(f"pooling must be one of {list(_POOLING)}, got {pooling!r}")
+        if type_k not in _CACHE_TYPES or type_v not in _CACHE_TYPES:
+            raise ValueError(f"type_k/type_v must be one of {list(_CACHE_TYPES)}")
+        if n_threads is None:
+            n_threads = default_threads()
+        if n_threads_batch is None:
+            n_threads_batch = n_threads
+        if n_threads <= 0 or n_threads_batch <= 0:
+            raise ValueError("n_threads must be positive")
+        if n_ctx and n_ctx < n_batch:
+            n_batch = n_ctx
+        if n_ubatch > n_batch:
+            n_ubatch = n_batch
+        # The KV cache in host memory, refused before llama.cpp allocates it: an allocation the
+        # kernel overcommits would otherwise end in the OOM killer, not an exception.  Only where
+        # the size is exact (llama-layout attention, no GPU to hold it).
+        from alpaca2._gguf_check import GGML_TYPES, available_memory
+        arch = model.metadata.get("general.architecture")
+        if arch in ("llama", "qwen2") and not (offload_kqv and supports_gpu_offload()):
+            n_ctx_kv = -(-(n_ctx or model.n_ctx_train) // 256) * 256        # llama.cpp pads to 256
+            head_dim_kv = model.n_embd // max(model.n_head, 1) * model.n_head_kv
+            per_elem = {name: size / block for name, block, size in GGML_TYPES.values()}
+            kv_bytes = int(n_ctx_kv * model.n_layer * head_dim_kv * (per_elem[type_k] + per_elem[type_v]))
+            avail = available_memory()
+            if avail is not None and kv_bytes > avail:
+                raise OutOfMemoryError(
+                    f"a KV cache for n_ctx={n_ctx_kv} needs {kv_bytes / 2**30:.1f} GiB "
+                    f"({model.n_layer} layers x {head_dim_kv} x 2, {type_k}/{type_v}), but only "
+                    f"{avail / 2**30:.1f} GiB of memory is available: use a smaller n_ctx or "
+                    "type_k/type_v='q8_0'")
+        self.model = model
+        model.check_rpc()
+        cdef llama_context_params p = llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_ubatch
+        p.n_seq_max = n_seq_max
+        p.n_threads = n_threads
+        p.n_threads_batch = n_threads_batch
+        p.flash_attn_type = _FLASH_ATTN[flash_attn]
+        p.rope_scaling_type = _ROPE_SCALING[rope_scaling]
+        p.pooling_type = _POOLING[pooling]
+        p.embeddings = embeddings
+        p.offload_kqv = offload_kqv
+        p.kv_unified = kv_unified
+        p.swa_full = swa_full
+        p.no_perf = no_perf
+        p.type_k = _CACHE_TYPES[type_k]
+        p.type_v = _CACHE_TYPES[type_v]
+        if rope_freq_base is not None:
+            p.rope_freq_base = rope_freq_base
+        if rope_freq_scale is not None:
+            p.rope_freq_scale = rope_freq_scale
+        if yarn_ext_factor is not None:
+            p.yarn_ext_factor = yarn_ext_factor
+        if yarn_attn_factor is not None:
+            p.yarn_attn_factor = yarn_attn_factor
+        if yarn_beta_fast is not None:
+            p.yarn_beta_fast = yarn_beta_fast
+        if yarn_beta_slow is not None:
+            p.yarn_beta_slow = yarn_beta_slow
+        if yarn_orig_ctx is not None:
+            p.yarn_orig_ctx = yarn_orig_ctx
+        p.abort_callback = _abort_callback
+        p.abort_callback_data = <void *>&self._flags
+        with nogil:
+            self.ptr = llama_init_from_model(model.ptr, p)
+        if self.ptr == NULL:
+            raise Alpaca2Error(
+                f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
+                "most likely the KV cache does not fit in memory; try a smaller n_ctx")
+        self.mem = llama_get_memory(self.ptr)
+        self._n_vocab = model._n_vocab
+        self._n_ctx = llama_n_ctx(self.ptr)
+        self._n_batch = llama_n_batch(self.ptr)
+        self._n_seq_max = llama_n_seq_max(self.ptr)
+        self._embeddings = embeddings
+        self._batch = Batch(self._n_batch, 1)
+        self._lock = threading.Lock()
+        self._all_logits = None
+        self._n_outputs = 0
+        model._dependents.add(self)
+        if model._rpc is not None:
+            model._rpc.refresh()             # a context may open connections the load did not
+
+    cdef int _check(self) except -1:
+        if self.ptr == NULL:
+            _raise_closed("Context")
+        return 0
+
+    cdef int _check_out(self, int idx) except -1:
+        """idx names a position of the last batch that has logits (negative: outputs from the end)."""
+        if self._n_outputs == 0:
+            raise ValueError("no logits to sample from: decode tokens first")
+        if idx < 0:
+            if idx < -self._n_outputs:
+                raise IndexError(f"output {idx} out of range ({self._n_outputs} outputs)")
+        elif self._out_flags is None:
+            if idx >= self._n_outputs:
+                raise IndexError(f"batch position {idx} out of range ({self._n_outputs} outputs)")
+        elif idx >= len(self._out_flags) or not self._out_flags[idx]:
+            raise IndexError(f"batch position {idx} has no logits (add it with logits=True)")
+        return 0
+
+    def close(self):
+        """Free the context.  Safe to call twice; waits for a decode running in another thread."""
+        if self.ptr == NULL:
+            return
+        with self._lock:
+            if self.ptr != NULL:
+                if not self.model._rpc_gone():    # else left allocated: llama.cpp would abort
+                    with nogil:
+                        llama_free(self.ptr)
+                self.ptr = NULL
+                self.mem = NULL
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            if self.model is None or not self.model._rpc_gone():
+                llama_free(self.ptr)
+            self.ptr = NULL
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def closed(self):
+        return self.ptr == NULL
+
+    def __repr__(self):
+        state = "closed" if self.ptr == NULL else f"n_ctx={self._n_ctx}"
+        return f"<alpaca2.Context {state}>"
+
+    @property
+    def n_ctx(self):
+        self._check()
+        return self._n_ctx
+
+    @property
+    def n_batch(self):
+        self._check()
+        return self._n_batch
+
+    @property
+    def n_ubatch(self):
+        self._check()
+        return llama_n_ubatch(self.ptr)
+
+    @property
+    def n_seq_max(self):
+        self._check()
+        return self._n_seq_max
+
+    @property
+    def n_vocab(self):
+        return self._n_vocab
+
+    @property
+    def n_threads(self):
+        self._check()
+        return llama_n_threads(self.ptr)
+
+    def set_n_threads(self, int n_threads, n_threads_batch=None):
+        self._check()
+        if n_threads <= 0:
+            raise ValueError("n_threads must be positive")
+        llama_set_n_threads(self.ptr, n_threads, n_threads if n_threads_batch is None else n_threads_batch)
+
+    def _check_seq(self, int seq_id):
+        if seq_id < 0 or seq_id >= self._n_seq_max:
+            raise ValueError(f"seq_id {seq_id} is out of range (n_seq_max={self._n_seq_max})")
+
+    def n_past(self, int seq_id=0):
+        """Number of positions held in the KV cache for seq_id (the next position to decode)."""
+        self._check()
+        self._check_seq(seq_id)
+        return llama_memory_seq_pos_max(self.mem, seq_id) + 1
+
+    # -- decoding -----------------------------------------------------------------------------
+    def decode(self, tokens, int seq_id=0, logits="last"):
+        """Decode tokens at the end of sequence seq_id.
+
+        Input longer than n_batch is split into n_batch chunks.  ``logits="last"`` keeps the
+        logits of the last token (``ctx.logits``); ``logits="all"`` keeps every position
+        (``ctx.logits_at(i)``), ``logits=None`` none.  Raises ContextFullError when the
+        tokens do not fit, DecodeAborted after abort(), KeyboardInterrupt on Ctrl+C; in every
+        error case the KV cache is left as it was before the call.
+        """
+        self._check()
+        self._check_seq(seq_id)
+        if logits not in ("last", "all", None):
+            raise ValueError(f"logits must be 'last', 'all' or None, got {logits!r}")
+        cdef cnp.ndarray arr = _token_array(tokens, self._n_vocab)
+        cdef int n = arr.shape[0]
+        if n == 0:
+            raise ValueError("decode() needs at least one token")
+        with self._lock:
+            self._check()
+            self._decode_tokens(<const llama_token *>cnp.PyArray_DATA(arr), n, seq_id, logits == "all")
+            if logits is None:
+                self._n_outputs = 0
+
+    cdef int _decode_tokens(self, const llama_token * tokens, int n, int seq_id, bint all_logits) except -1:
+        if self.model._rpc is not None:
+            self.model._rpc.check()          # a server that has gone: an exception, not llama.cpp's abort
+        cdef int n_past = llama_memory_seq_pos_max(self.mem, seq_id) + 1
+        if n_past + n > self._n_ctx:
+            raise ContextFullError(
+                f"{n} tokens do not fit: {n_past} of n_ctx={self._n_ctx} positions are in use "
+                f"(sequence {seq_id}); use a larger n_ctx or drop old tokens")
+        cdef llama_batch * b = &self._batch.batch
+        cdef int start = 0, chunk, i, rc = 0
+        cdef int n_batch = self._n_batch
+        cdef bint sigint = False
+        cdef bint many = all_logits and n > n_batch
+        cdef float * src
+        cdef float * dst = NULL
+        cdef cnp.ndarray all_out
+        self._all_logits = None
+        if many:
+            all_out = np.empty((n, self._n_vocab), dtype=np.float32)
+            dst = <float *>cnp.PyArray_DATA(all_out)
+        if PyThread_get_thread_ident() == _main_thread_ident:
+            sigint = alpaca2_sigint_install()
+            if sigint:
+                self._flags |= _WATCH_SIGINT
+        try:
+            with nogil:
+                while start < n:
+                    chunk = n - start
+                    if chunk > n_batch:
+                        chunk = n_batch
+                    for i in range(chunk):
+                        b.token[i] = tokens[start + i]
+                        b.pos[i] = n_past + start + i
+                        b.n_seq_id[i] = 1
+                        b.seq_id[i][0] = seq_id
+                        b.logits[i] = all_logits
+                    if not all_logits:
+                        b.logits[chunk - 1] = (start + chunk == n)
+                    b.n_tokens = chunk
+                    rc = llama_decode(self.ptr, b[0])
+                    if rc != 0:
+                        break
+                    if many:
+                        src = llama_get_logits(self.ptr)
+                        memcpy(dst + <size_t>start * self._n_vocab, src,
+                               <size_t>chunk * self._n_vocab * sizeof(float))
+                    start += chunk
+        finally:
+            if sigint:
+                self._flags &= ~_WATCH_SIGINT
+                alpaca2_sigint_restore()
+        if rc != 0:
+            # leave the cache as it was: drop whatever part of this call reached it
+            llama_memory_seq_rm(self.mem, seq_id, n_past, -1)
+            self._n_outputs = 0
+            aborted_by_user = (self._flags & _ABORT) != 0
+            self._flags &= ~_ABORT
+            if rc == 2:
+                if sigint and alpaca2_sigint_pending():
+                    alpaca2_sigint_clear()
+                    PyErr_CheckSignals()   # runs Python's handler: KeyboardInterrupt by default
+                    raise KeyboardInterrupt
+                raise DecodeAborted("decode was aborted" + (" by Context.abort()" if aborted_by_user else ""))
+            if rc == 1:
+                raise ContextFullError("no KV-cache slot for the batch (the context is full or fragmented)")
+            raise DecodeError(f"llama_decode failed with code {rc}")
+        if self.model._rpc is not None:
+            # a server that died during the decode: llama.cpp's RPC client (as alpaca2 patches it)
+            # completed the decode with zeros; the result is thrown away, the error raised
+            self.model._rpc.check()
+        self._n_outputs = n if all_logits else 1
+        # the batch positions that have outputs, for sample(ctx, idx) (llama.cpp's batch index)
+        self._out_flags = None if all_logits else b"\x00" * ((n - 1) % n_batch) + b"\x01"
+        if many:
+            self._all_logits = all_out
+        return 0
+
+    def decode_token(self, int token, int seq_id=0):
+        """Decode one token at the end of seq_id (the generation hot path: no array conversion)."""
+        self._check()
+        if token < 0 or token >= self._n_vocab:
+            raise TokenizeError(f"token id {token} is out of range for a vocabulary of {self._n_vocab} tokens")
+        if seq_id < 0 or seq_id >= self._n_seq_max:
+            self._check_seq(seq_id)
+        cdef llama_token tok = token
+        with self._lock:
+            self._check()
+            self._decode_tokens(&tok, 1, seq_id, False)
+
+    def decode_batch(self, Batch batch not None):
+        """Decode a hand-built Batch (several sequences, explicit positions) in one llama_decode."""
+        self._check()
+        cdef int rc, i, n = batch.batch.n_tokens
+        if n == 0:
+            raise ValueError("the batch is empty")
+        if n > self._n_batch:
+            raise ValueError(f"the batch has {n} tokens, more than n_batch={self._n_batch}")
+        n_out = 0
+        for i in range(n):
+            if batch.batch.token[i] < 0 or batch.batch.token[i] >= self._n_vocab:
+                raise TokenizeError(f"token id {batch.batch.token[i]} is out of range")
+            for j in range(batch.batch.n_seq_id[i]):
+                self._check_seq(batch.batch.seq_id[i][j])
+            n_out += batch.batch.logits[i] != 0
+        with self._lock:
+            self._check()
+            with nogil:
+                rc = llama_decode(self.ptr, batch.batch)
+            if rc == 1:
+                raise ContextFullError("no KV-cache slot for the batch")
+            if rc == 2:
+                self._flags &= ~_ABORT
+                raise DecodeAborted("decode was aborted")
+            if rc != 0:
+                raise DecodeError(f"llama_decode failed with code {rc}")
+            if self.model._rpc is not None:
+                self.model._rpc.check()       # a server that died during the decode (see _decode_tokens)
+            self._all_logits = None
+            self._n_outputs = n_out
+            self._out_flags = PyBytes_FromStringAndSize(<char *>batch.batch.logits, n)
+
+    def synchronize(self):
+        """Wait for queued work (a GPU backend computes asynchronously) to finish."""
+        self._check()
+        with nogil:
+            llama_synchronize(self.ptr)
+
+    def abort(self):
+        """Ask a decode running in another thread to stop (it raises DecodeAborted)."""
+        self._flags |= _ABORT
+
+    @property
+    def logits(self):
+        """Logits of the last decoded position: float32 numpy view (n_vocab,), no copy.
+
+        The view shows llama.cpp's output buffer; it is valid until the next decode.
+        """
+        return _logits_at(self, -1, True)
+
+    def logits_at(self, int i):
+        """Logits of output i of the last decode (negative i counts from the end)."""
+        return _logits_at(self, i, False)
+
+    @property
+    def embeddings(self):
+        """Embedding of sequence 0 (pooled) or of the last token (no pooling), float32 (n_embd,)."""
+        return _embeddings_seq(self, 0)
+
+    def embeddings_seq(self, int seq_id=0):
+        return _embeddings_seq(self, seq_id)
+
+    # -- memory (KV cache) ----------------------------------------------------------------------
+    def clear(self):
+        """Empty the KV cache of every sequence."""
+        self._check()
+        with self._lock:
+            llama_memory_clear(self.mem, True)
+            self._n_outputs = 0
+
+    def seq_rm(self, int seq_id=0, int p0=0, int p1=-1):
+        """Remove positions [p0, p1) of seq_id (p1=-1: to the end; seq_id=-1: every sequence)."""
+        self._check()
+        if seq_id != -1:
+            self._check_seq(seq_id)
+        with self._lock:
+            if not llama_memory_seq_rm(self.mem, seq_id, p0, p1):
+                raise ValueError(f"cannot remove positions [{p0}, {p1}) of sequence {seq_id}")
+
+    def seq_cp(self, int src, int dst, int p0=0, int p1=-1):
+        self._check()
+        self._check_seq(src)
+        self._check_seq(dst)
+        with self._lock:
+            llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def seq_keep(self, int seq_id):
+        self._check()
+        self._check_seq(seq_id)
+        with self._lock:
+            llama_memory_seq_keep(self.mem, seq_id)
+
+    def seq_add(self, int seq_id, int p0, int p1, int delta):
+        """Shift positions [p0, p1) of seq_id by delta (context shift)."""
+        self._check()
+        self._check_seq(seq_id)
+        if not llama_memory_can_shift(self.mem):
+            raise ValueError("this model's memory cannot be shifted")
+        with self._lock:
+            llama_memory_seq_add(self.mem, seq_id, p0, p1, delta)
+
+    # -- state ------------------------------------------------------------------------------------
+    def save_state(self):
+        """The whole context state (KV cache, logits, RNG) as bytes."""
+        self._check()
+        cdef size_t size, n
+        cdef uint8_t * dst
+        with self._lock:
+            size = llama_state_get_size(self.ptr)
+            data = PyBytes_FromStringAndSize(NULL, size)
+            dst = <uint8_t *>PyBytes_AS_STRING(data)
+            with nogil:
+                n = llama_state_get_data(self.ptr, dst, size)
+        if n != size:
+            raise StateError(f"state size changed while saving ({n} != {size})")
+        return data
+
+    def load_state(self, const unsigned char[::1] data not None):
+        """Restore a state made by save_state() on a context of the same model and size."""
+        self._check()
+        cdef size_t n, size = data.shape[0]
+        if size == 0:
+            raise StateError("empty state")
+        with self._lock:
+            with nogil:
+                n = llama_state_set_data(self.ptr, &data[0], size)
+            if n == 0:
+                raise StateError("the state does not fit this context (another model or n_ctx?)")
+            self._n_outputs = 1
+            self._out_flags = None
+            self._all_logits = None
+
+    def save_state_file(self, path, tokens=()):
+        """Write the state (and the tokens it holds) to path atomically (temp file + rename)."""
+        self._check()
+        cdef cnp.ndarray arr = _token_array(tokens, self._n_vocab)
+        path = os.fspath(path)
+        # a name of its own per call (two threads may save to one path), in the target's folder
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        cdef bytes c_tmp = os.fsencode(tmp)
+        cdef const char * c_tmp_p = c_tmp
+        cdef bint ok
+        try:
+            with self._lock:
+                with nogil:
+                    ok = llama_state_save_file(self.ptr, c_tmp_p, <const llama_token *>cnp.PyArray_DATA(arr),
+                                               arr.shape[0])
+            if not ok:
+                raise StateError(f"could not write the state to {path}")
+            # on disk before the rename: a crash or power cut leaves the old file or the new one
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def load_state_file(self, path):
+        """Restore a state written by save_state_file; returns the tokens saved with it."""
+        self._check()
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise StateError(f"no state file at {path}")
+        cdef bytes c_path = os.fsencode(path)
+        cdef const char * c_path_p = c_path
+        cdef size_t cap = self._n_ctx, n_out = 0
+        cdef cnp.ndarray out = np.empty(max(cap, 1), dtype=np.int32)
+        cdef bint ok
+        with self._lock:
+            with nogil:
+                ok = llama_state_load_file(self.ptr, c_path_p, <llama_token *>cnp.PyArray_DATA(out), cap, &n_out)
+            if not ok:
+                raise StateError(f"could not load the state from {path} (another model or n_ctx, or a damaged file)")
+            self._n_outputs = 1
+            self._out_flags = None
+            self._all_logits = None
+        return out[:n_out].tolist()
+
+    def perf(self):
+        """llama.cpp's own timings for this context (ms and counts)."""
+        self._check()
+        llama_synchronize(self.ptr)     # counts are booked when queued work completes
+        cdef llama_perf_context_data d = llama_perf_context(self.ptr)
+        return {"t_load_ms": d.t_load_ms, "t_p_eval_ms": d.t_p_eval_ms, "t_eval_ms": d.t_eval_ms,
+                "n_p_eval": d.n_p_eval, "n_eval": d.n_eval, "n_reused": d.n_reused}
+
+    def perf_reset(self):
+        self._check()
+        llama_perf_context_reset(self.ptr)

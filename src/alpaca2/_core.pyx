@@ -12,6 +12,7 @@ from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, strlen
+from libc.math cimport isinf
 
 from alpaca2._c.ggml cimport *
 from alpaca2._c.ggml_backend cimport *
@@ -68,5 +69,6 @@ include "_core/context.pxi"
 include "_core/logits.pxi"
 include "_core/sampler.pxi"
 include "_core/speculative.pxi"
+include "_core/lora.pxi"
 include "_core/quantize.pxi"
 include "_core/chat_template.pxi"

@@ -63,7 +63,8 @@ def test_llama_lora_argument(tiny, adapter):
     path, w = tiny
     lora_path, pairs = adapter
     want = testing.reference_logits(testing.merge_lora(w, pairs, 0.7, ALPHA), PROMPT)
-    with alpaca2.Llama(path, n_ctx=64, n_threads=2, lora=[(lora_path, 0.7)], type_k="f32", type_v="f32") as llm:
+    with alpaca2.Llama(path, n_ctx=64, n_threads=2, lora=[(lora_path, 0.7)], type_k="f32", type_v="f32",
+                       flash_attn=False) as llm:
         assert [(a.path, s) for a, s in llm.lora] == [(lora_path, 0.7)]
         llm.ctx.decode(PROMPT)
         np.testing.assert_allclose(np.array(llm.ctx.logits), want[-1], atol=2e-3, rtol=1e-3)

@@ -69,6 +69,14 @@ def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = F
 port = int_in(1, 65535, "a port")
 
 
+def threads_type(text):
+    """type= for -t: a thread count in [1, 1024], or -1 for the default."""
+    v = int_in(-1, 1024, "a thread count")(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("0 threads: give a count in [1, 1024] (or -1 for the default)")
+    return v
+
+
 def int_list(text):
     """type= for comma-separated integers >= 0 (llama-bench's -p 128,512)."""
     try:
@@ -155,7 +163,7 @@ def add_context_args(p: argparse.ArgumentParser, speculative=True) -> None:
     """The context: -c, -t, -b/-ub, -fa, -ctk/-ctv, rope/YaRN, RPC and speculative decoding."""
     p.add_argument("-c", "--ctx-size", type=int_in(0), default=4096,
                    help="context size (default 4096; 0 = the model's training context)")
-    p.add_argument("-t", "--threads", type=int_in(-1, 1024), default=None,
+    p.add_argument("-t", "--threads", type=threads_type, default=None,
                    help="threads (default / -1: all cores)")
     p.add_argument("-b", "--batch-size", type=int_in(1), default=2048,
                    help="logical batch: most prompt tokens per decode (default 2048)")
@@ -253,7 +261,16 @@ def sampling(args, n_ctx: int) -> dict:
 
 
 def grammar_text(args) -> str | None:
-    """The GBNF from --grammar, --grammar-file or --json-schema (None when none is given)."""
+    """The GBNF from --grammar, --grammar-file or --json-schema (None when none is given), checked
+    before llama.cpp's parser sees it (which would print its complaints on stderr)."""
+    text = _grammar_source(args)
+    if text is not None:
+        from alpaca2._grammar_check import check_grammar
+        check_grammar(text)
+    return text
+
+
+def _grammar_source(args) -> str | None:
     if getattr(args, "grammar", None) is not None:
         return args.grammar
     if getattr(args, "grammar_file", None) is not None:

@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     b.add_argument("-n", "--n-gen", type=A.int_list, default=[128], help="generation sizes for tg (default 128)")
     b.add_argument("-g", "--gen", type=A.int_list, default=[128], help="generation sizes for gen (default 128; 0 = off)")
     b.add_argument("-r", "--repetitions", type=A.int_in(1), default=5, help="runs per test (default 5)")
-    b.add_argument("-t", "--threads", type=A.int_in(-1, 1024), default=None)
+    b.add_argument("-t", "--threads", type=A.threads_type, default=None)
     b.add_argument("-b", "--batch-size", type=A.int_in(1), default=2048)
     b.add_argument("-ub", "--ubatch-size", type=A.int_in(1), default=512)
     b.add_argument("-ngl", "--n-gpu-layers", type=A.int_in(-1), default=-1)

@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     r.add_argument("-H", "--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     r.add_argument("-p", "--port", type=A.port, default=50052, help="port (default 50052)")
-    r.add_argument("-t", "--threads", type=A.int_in(-1, 1024), default=None,
+    r.add_argument("-t", "--threads", type=A.threads_type, default=None,
                    help="CPU threads (default / -1: half the cores)")
     r.add_argument("-d", "--device", default=None,
                    help="devices to serve, comma-separated names from 'alpaca2 info' (default: the GPUs, else CPU)")

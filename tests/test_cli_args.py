@@ -183,3 +183,21 @@ def test_rope_options_reach_the_context(tiny_path):
             llm.ctx.decode(ids)
             out[scale] = np.array(llm.ctx.logits)
     assert not np.allclose(out[None], out[0.5], atol=1e-4)
+
+
+def test_load_and_context_flags_reach_llama(tiny_path):
+    """-b/-ub, --no-mmap, --mlock, -fa, -ctk/-ctv: the command answers what the API answers with
+    the same settings (greedy on an F32 model: token for token)."""
+    def api(**kw):
+        with alpaca2.Llama(str(tiny_path), n_ctx=256, n_threads=1, template="completion", **kw) as llm:
+            return llm.generate("床前明月光，", 12, temp=0)
+
+    def cli(*flags):
+        r = run(["generate", "-m", str(tiny_path), "-c", "256", "-t", "1", "-n", "12", "--temp", "0",
+                 "-p", "床前明月光，", *flags])
+        assert r.returncode == 0, r.stderr
+        return r.stdout.decode()[len("床前明月光，"):-1]
+
+    assert cli("-b", "4", "-ub", "2", "--no-mmap", "--mlock") == api(n_batch=4, n_ubatch=2)
+    assert cli("-fa", "off", "-ctk", "f32", "-ctv", "f32") == api(flash_attn=False, type_k="f32", type_v="f32")
+    assert cli("-fa", "on", "-ctk", "bf16", "-ctv", "f16") == api(flash_attn=True, type_k="bf16", type_v="f16")

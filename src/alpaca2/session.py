@@ -94,6 +94,7 @@ class ChatSession:
         sampler = self._sampler_for(ids, sampling)
         answer = {"role": "assistant", "content": "", "tokens": []}
         pieces = []
+        llm.last_stats = {}                   # an error before generation leaves no stale tokens behind
         try:
             for piece, _ in llm._generate(ids, budget, self.stop, sampling, template.strip_leading_space,
                                           sampler=sampler):

@@ -201,3 +201,14 @@ def test_load_and_context_flags_reach_llama(tiny_path):
     assert cli("-b", "4", "-ub", "2", "--no-mmap", "--mlock") == api(n_batch=4, n_ubatch=2)
     assert cli("-fa", "off", "-ctk", "f32", "-ctv", "f32") == api(flash_attn=False, type_k="f32", type_v="f32")
     assert cli("-fa", "on", "-ctk", "bf16", "-ctv", "f16") == api(flash_attn=True, type_k="bf16", type_v="f16")
+
+
+def test_piped_chat_line_that_is_not_utf8(tiny_path):
+    """A line of piped input that is not UTF-8 gets an empty answer and one line on stderr."""
+    r = subprocess.run(
+        CMD + ["chat", "-m", str(tiny_path), "--template", "alpaca2", "--temp", "0", "-n", "4", "-t", "1"],
+        input=b"\xff\xfe\n" + "你好\n".encode(), capture_output=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split(b"\n")
+    assert lines[0] == b"" and len(lines) == 3 and lines[2] == b""
+    assert b"input line 1 is not UTF-8" in r.stderr and b"Traceback" not in r.stderr

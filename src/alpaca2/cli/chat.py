@@ -147,8 +147,14 @@ def cmd_chat(args) -> int:
             return " ".join(answer.splitlines())     # \n, \r and the other line breaks become spaces
         if first:
             print(one_line(session.send(first, stream=False)), flush=True)
-        for line in sys.stdin:
-            line = line.rstrip("\n")
+        for n, raw in enumerate(sys.stdin.buffer, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")     # as text mode did with \r\n
+            except UnicodeDecodeError:
+                # one answer per line still: an empty one, and why on stderr
+                print(f"alpaca2: input line {n} is not UTF-8 text; not answered", file=sys.stderr, flush=True)
+                print(flush=True)
+                continue
             if not line.strip():
                 continue
             print(one_line(session.send(line, stream=False)), flush=True)

@@ -212,3 +212,14 @@ def test_piped_chat_line_that_is_not_utf8(tiny_path):
     lines = r.stdout.split(b"\n")
     assert lines[0] == b"" and len(lines) == 3 and lines[2] == b""
     assert b"input line 1 is not UTF-8" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_json_schema_constrains_generate(tiny_path):
+    """--json-schema goes through llama.cpp's converter (alpaca2._common, issue 16b) to a grammar."""
+    pytest.importorskip("alpaca2._common", reason="alpaca2._common (llama.cpp's common library) not built")
+    r = run(["generate", "-m", str(tiny_path), "-n", "24", "--temp", "0.8", "-s", "3", "-t", "1", "-c", "256",
+             "--json-schema", '{"type": "integer"}', "-p", "x"])
+    assert r.returncode == 0, r.stderr
+    int(r.stdout.decode()[1:].strip())                 # the continuation is a JSON integer
+    r = run(["generate", "-m", str(tiny_path), "-t", "1", "--json-schema", "{not json", "-p", "x"])
+    assert r.returncode == 1 and b"Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

@@ -465,7 +465,19 @@ cdef class Sampler(SamplerChain):
 
     def accept(self, int token, bint grammar=True):
         """Add a generated token to the history (penalties and, with grammar=True, the grammar)."""
-        self.accept_many((token,), grammar=grammar)
+        self._check()
+        if llama_sampler_chain_n(self.ptr) == 0:
+            raise ValueError("this Sampler needs a model (grammar/logit_bias) before it can accept tokens: "
+                             "pass model= when creating it")
+        cdef int n_vocab = (<Model>self._model)._n_vocab if self._model is not None else 0x7fffffff
+        if token < 0 or token >= n_vocab:
+            raise TokenizeError(f"token id {token} is out of range")
+        try:
+            if grammar and self.grmr != NULL:
+                sampler_accept_cpp(self.grmr, token)
+            sampler_accept_cpp(self.ptr, token)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise _sampler_error(e) from None
 
     def accept_many(self, tokens, bint grammar=False):
         """Add tokens to the history in one C loop, the GIL released: a prompt, by default into

@@ -294,3 +294,100 @@ def test_interrupted_stream_keeps_the_partial_answer(llm):
     it.close()                                     # the caller stops reading (as Ctrl+C does)
     assert s.messages[-1]["role"] == "assistant"
     assert s.messages[-1]["content"] == first
+
+
+# -- ChatSession.load on files that are not sessions -------------------------------------------------
+
+BAD_SESSIONS = {
+    "not json": b"{not json",
+    "not utf-8": b"\xff\xfe{}",
+    "a list": b"[1, 2, 3]",
+    "no format": b'{"history": []}',
+    "history not a list": b'{"format": "alpaca2.ChatSession/1", "history": {"a": 1}}',
+    "message not a dict": b'{"format": "alpaca2.ChatSession/1", "history": [1]}',
+    "bad role": b'{"format": "alpaca2.ChatSession/1", "history": [{"role": "root", "content": "x"}]}',
+    "content not str": b'{"format": "alpaca2.ChatSession/1", "history": [{"role": "user", "content": 5}]}',
+    "tokens out of range": b'{"format": "alpaca2.ChatSession/1", "history": [{"role": "assistant", '
+                           b'"content": "x", "tokens": [99999999]}]}',
+    "sampling not a dict": b'{"format": "alpaca2.ChatSession/1", "sampling": [1]}',
+    "unknown sampling key": b'{"format": "alpaca2.ChatSession/1", "sampling": {"evil": 1}}',
+    "bad sampling value": b'{"format": "alpaca2.ChatSession/1", "sampling": {"top_p": 7}}',
+    "sampling value a string": b'{"format": "alpaca2.ChatSession/1", "sampling": {"temp": "hot"}}',
+    "max_tokens negative": b'{"format": "alpaca2.ChatSession/1", "max_tokens": -3}',
+    "stop not strings": b'{"format": "alpaca2.ChatSession/1", "stop": [1]}',
+    "system not str": b'{"format": "alpaca2.ChatSession/1", "system": {"a": 1}}',
+    "state file a path": b'{"format": "alpaca2.ChatSession/1", "state_file": "../../etc/passwd"}',
+    "deeply nested": b"[" * 100000 + b"]" * 100000,
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SESSIONS))
+def test_load_of_a_bad_session_file_is_a_state_error(llm, tmp_path, name):
+    path = tmp_path / "bad.json"
+    path.write_bytes(BAD_SESSIONS[name])
+    with pytest.raises(alpaca2.StateError) as e:
+        ChatSession.load(llm, path)
+    assert isinstance(e.value, alpaca2.Alpaca2Error) and isinstance(e.value, OSError)
+    assert str(path) in str(e.value)
+
+
+def test_load_of_a_directory_or_missing_file(llm, tmp_path):
+    with pytest.raises(alpaca2.StateError, match="not a regular file"):
+        ChatSession.load(llm, tmp_path)
+    with pytest.raises(alpaca2.StateError, match="cannot open"):
+        ChatSession.load(llm, tmp_path / "missing.json")
+
+
+def test_load_of_a_fifo_does_not_block(tiny_path, tmp_path):
+    from conftest import run_python
+    fifo = tmp_path / "session.fifo"
+    import os
+    os.mkfifo(fifo)
+    code = ("import alpaca2\n"
+            f"llm = alpaca2.Llama({str(tiny_path)!r}, n_ctx=64, n_threads=1)\n"
+            "try:\n"
+            f"    alpaca2.ChatSession.load(llm, {str(fifo)!r})\n"
+            "except alpaca2.StateError as e:\n"
+            "    print('StateError', e)\n")
+    r = run_python(code, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("StateError") and "regular file" in r.stdout, r.stderr
+
+
+# -- the sampler sees the prompt, and a session keeps one sampler ---------------------------------------
+
+def test_the_prompt_is_accepted_into_the_penalty_history(llm):
+    """generate() equals sampling by hand with a sampler that accepted the prompt first."""
+    prompt = "床前明月光，疑是地上霜。"
+    llm.reset()
+    got = llm.generate(prompt, 12, temp=0, repeat_penalty=1.3)
+    tokens = llm.last_stats["tokens"]
+    llm.reset()
+    ids = llm.tokenize(prompt)
+    llm.ctx.decode(ids)
+    s = alpaca2.Sampler(temp=0, repeat_penalty=1.3, penalty_last_n=64, model=llm.model)
+    s.accept_many(ids)
+    want = []
+    for _ in range(len(tokens)):
+        t = s.sample(llm.ctx)
+        if llm.model.token_is_eog(t):
+            break
+        want.append(t)
+        llm.ctx.decode_token(t)
+    llm.reset()
+    assert tokens == want and got
+
+
+def test_session_sampler_carries_on_across_turns(llm):
+    """A seeded conversation draws one random sequence (llama-cli's single sampler): turn 2 of a
+    session differs from turn 2 answered by a fresh sampler seeded alike, yet it is repeatable."""
+    def two_turns():
+        llm.reset()
+        s = ChatSession(llm, max_tokens=8, temp=1.0, seed=5, repeat_penalty=1.0)
+        s.send("背一下静夜思", stream=False)
+        sampler = s._sampler
+        a2 = s.send("作者是谁？", stream=False)
+        assert s._sampler is sampler                   # the same sampler, not a new one
+        return s, a2
+    s, a2 = two_turns()
+    _, again = two_turns()
+    assert a2 == again

@@ -237,6 +237,35 @@ def test_system_and_save(term, tiny_path, tmp_path):
     assert t.wait_exit() == (0, None)
 
 
+def test_load_resumes_a_saved_session_and_help(term, tiny_path, tmp_path):
+    """/save in one chat, /load in a new one: the next answer is the one the first chat gives."""
+    want = api_answers(tiny_path, ["床前明月光", "作者是谁"])
+    path = tmp_path / "resume.json"
+    t = term(chat_args(tiny_path))
+    t.expect(PROMPT)
+    assert t.turn("床前明月光") == want[0] + "\n"
+    t.child.sendline(f"/save {path}")
+    t.expect_exact(f"(saved to {path})")
+    t.expect(PROMPT)
+    t.child.sendline("/exit")
+    assert t.wait_exit() == (0, None)
+
+    t = term(chat_args(tiny_path))
+    t.expect(PROMPT)
+    t.child.sendline("/help")
+    t.expect_exact("/load FILE")
+    t.expect(PROMPT)
+    t.child.sendline(f"/load {tmp_path / 'missing.json'}")
+    t.expect_exact("alpaca2: cannot load:")                    # one line, the chat goes on
+    t.expect(PROMPT)
+    t.child.sendline(f"/load {path}")
+    t.expect_exact(f"(loaded {path}: 1 turns)")
+    t.expect(PROMPT)
+    assert t.turn("作者是谁") == want[1] + "\n"
+    t.child.sendline("/exit")
+    assert t.wait_exit() == (0, None)
+
+
 # -- piped chat -----------------------------------------------------------------------------------
 
 def test_piped_one_answer_per_line_summary_on_stderr(tiny_path):
@@ -369,3 +398,51 @@ def test_cache_token_left_by_ctrl_c_after_a_decode_is_dropped(tiny_path):
             assert llm.ctx.n_past() == len(llm._tokens)
             return answer
     assert second_answer(stray=True) == second_answer(stray=False)
+
+
+# -- bench -o json: llama-bench's keys ----------------------------------------------------------------
+
+BENCH_KEYS = ("model_filename", "model_type", "model_size", "model_n_params", "n_prompt", "n_gen", "n_threads",
+              "n_batch", "n_ubatch", "type_k", "type_v", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts",
+              "samples_ns", "samples_ts")
+
+
+def read_bench_json(text):
+    """What a script written for ``llama-bench -o json`` reads from a run."""
+    rows = json.loads(text)
+    out = []
+    for r in rows:
+        row = {k: r[k] for k in BENCH_KEYS}
+        assert len(row["samples_ns"]) == len(row["samples_ts"])
+        assert abs(row["avg_ts"] - sum(row["samples_ts"]) / len(row["samples_ts"])) <= 1e-3 * row["avg_ts"]
+        assert abs(row["avg_ns"] - sum(row["samples_ns"]) / len(row["samples_ns"])) <= 1e-3 * row["avg_ns"] + 1
+        out.append(row)
+    return rows, out
+
+
+def test_bench_json_reads_like_llama_benchs(tiny_path):
+    args = ["-p", "16", "-n", "4", "-r", "2", "-t", "1", "-o", "json"]
+    r = run_cli(["bench", "-m", tiny_path, "-g", "0"] + args, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    raw, ours = read_bench_json(r.stdout)
+    assert [(x["n_prompt"], x["n_gen"], len(x["samples_ts"])) for x in ours] == [(16, 0, 2), (0, 4, 2)]
+    assert raw[0]["test"] == "pp16" and raw[0]["mean"] == raw[0]["avg_ts"]     # alpaca2's keys stay
+    d = ""
+    try:
+        from alpaca2 import _build_info
+        d = os.environ.get("ALPACA2_TOOLS_DIR") or getattr(_build_info, "TOOLS_DIR", "")
+    except ImportError:
+        pass
+    exe = os.path.join(d, "llama-bench") if d else ""
+    if not exe or not os.access(exe, os.X_OK):
+        pytest.skip("llama-bench not built (ALPACA2_BUILD_TOOLS=1): our side checked alone")
+    r = subprocess.run([exe, "-m", str(tiny_path)] + args, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    traw, theirs = read_bench_json(r.stdout)
+    assert [(x["n_prompt"], x["n_gen"], len(x["samples_ts"])) for x in theirs] == [(16, 0, 2), (0, 4, 2)]
+    assert set(traw[0]) <= set(raw[0]), set(traw[0]) - set(raw[0])        # every key llama-bench writes
+    for k in traw[0]:
+        assert type(raw[0][k]) is type(traw[0][k]) or {type(raw[0][k]), type(traw[0][k])} <= {int, float}, k
+    for a, b in zip(ours, theirs):
+        assert (a["model_size"], a["model_n_params"], a["n_threads"], a["type_k"]) == \
+            (b["model_size"], b["model_n_params"], b["n_threads"], b["type_k"])

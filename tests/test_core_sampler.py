@@ -2,7 +2,8 @@
 
 The expected distributions follow vendor/llama.cpp/src/llama-sampler.cpp exactly:
 
-* Sampler's chain order is  penalties -> grammar -> top_k -> typical -> top_p -> min_p -> temp -> dist,
+* Sampler's chain order is  penalties -> top_k -> typical -> top_p -> min_p -> temp -> dist (the grammar
+  kept apart, as llama.cpp's common sampler: it checks the drawn token, and goes first only on a rejection),
   so top_p and min_p see the logits *before* the temperature is applied;
 * top_k keeps the k highest logits (k <= 0: off);
 * top_p takes a softmax of the remaining candidates and keeps the smallest prefix (by descending

@@ -12,12 +12,13 @@ import os as _os
 
 from alpaca2 import _build_info
 from alpaca2._core import (
-    Batch, Context, Model, Sampler, SamplerChain, Speculator,
+    Batch, Context, LoraAdapter, Model, Sampler, SamplerChain, Speculator,
     backends, check_draft_compatible, chat_apply_template, chat_builtin_templates, default_threads, devices,
     llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload, supports_rpc,
 )
 from alpaca2._common import ChatFormatter, ChatParseError, ChatStream, ChatTemplateError, json_schema_to_grammar
-from alpaca2.chat import ChatSession, Llama
+from alpaca2.llm import Llama
+from alpaca2.session import ChatSession
 from alpaca2.sampling import DEFAULT_SAMPLING
 from alpaca2.streaming import TextStream
 from alpaca2.templates import (
@@ -99,7 +100,7 @@ _note_gpu_fallback()
 __all__ = [
     "Llama", "ChatSession", "Alpaca2Template", "ModelTemplate", "CompletionTemplate", "choose_template",
     "DEFAULT_SYSTEM_PROMPT", "DEFAULT_SAMPLING", "Template", "TextStream",
-    "Batch", "Context", "Model", "Sampler", "SamplerChain", "Speculator", "check_draft_compatible",
+    "Batch", "Context", "LoraAdapter", "Model", "Sampler", "SamplerChain", "Speculator", "check_draft_compatible",
     "quantize", "system_info", "get_include", "get_lib_dir", "get_pxd_dir", "backends", "devices",
     "set_log_level", "chat_apply_template", "chat_builtin_templates", "default_threads", "print_system_info",
     "supports_gpu_offload", "supports_rpc", "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",

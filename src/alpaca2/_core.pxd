@@ -3,6 +3,7 @@
 from libc.stdint cimport int32_t
 from alpaca2._c.llama cimport (
     llama_model, llama_context, llama_vocab, llama_sampler, llama_batch, llama_memory_t, llama_token,
+    llama_token_data,
 )
 
 
@@ -73,3 +74,9 @@ cdef class SamplerChain:
 cdef class Sampler(SamplerChain):
     cdef readonly dict params
     cdef object _model            # the Model the chain was built for (vocab-bound samplers)
+    cdef llama_sampler * grmr     # the grammar, kept apart from the chain (common_sampler's grmr)
+    cdef llama_token_data * _cur  # candidates buffer for sampling with the grammar
+    cdef size_t _cur_cap
+
+    cdef llama_token_data * _candidates(self, int n) except NULL
+    cdef llama_token _sample_grammar(self, const float * logits, int n) except? -1

@@ -10,8 +10,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
-from libc.math cimport isnan
+from libc.string cimport memcpy, strlen
+from libc.math cimport isinf, isnan
 
 from alpaca2._c.ggml cimport *
 from alpaca2._c.ggml_backend cimport *
@@ -85,5 +85,6 @@ include "_core/context.pxi"
 include "_core/logits.pxi"
 include "_core/sampler.pxi"
 include "_core/speculative.pxi"
+include "_core/lora.pxi"
 include "_core/quantize.pxi"
 include "_core/chat_template.pxi"

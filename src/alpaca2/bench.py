@@ -8,6 +8,12 @@
 
 Each test runs once as a warm-up (as llama-bench does), then ``repetitions`` times; the table
 gives mean ± stddev of tokens/sec.  Output: markdown (default), json, jsonl or csv.
+
+json/jsonl/csv rows carry llama-bench's keys with llama-bench's meanings (``model_filename``,
+``model_type``, ``n_prompt``, ``n_gen``, ``avg_ns``, ``stddev_ns``, ``avg_ts``, ``stddev_ts``,
+``samples_ns``, ``samples_ts`` ...), so a script that reads ``llama-bench -o json`` reads ours;
+alpaca2's own keys (``test``, ``mean``, ``stddev``, ``samples``, ``backend`` ...) are extras.
+A ``gen`` row has ``n_prompt`` 0 and ``n_gen`` N, as llama-bench's tg rows.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -104,28 +111,64 @@ def run(model_path: str, *, n_prompt=(512,), n_gen=(128,), gen=(128,), repetitio
     backend = "CUDA" if supports_gpu_offload() and n_gpu_layers != 0 else "CPU"
     if model.rpc_servers:
         backend += "+RPC"
-    base = {"model": os.path.basename(model_path), "model_desc": model.desc, "size": model.size,
+    base = {"model": os.path.basename(model_path), "model_path": os.fspath(model_path), "model_desc": model.desc, "size": model.size,
             "n_params": model.n_params, "backend": backend, "n_threads": n_threads, "n_batch": n_batch,
             "n_ubatch": n_ubatch, "n_gpu_layers": n_gpu_layers, "flash_attn": str(flash_attn),
             "type_k": type_k, "type_v": type_v}
     plan = [("pp", n, time_pp) for n in n_prompt if n > 0] + [("tg", n, time_tg) for n in n_gen if n > 0] + \
            [("gen", n, time_gen) for n in gen if n > 0]
+    if repetitions < 1:
+        raise ValueError(f"repetitions must be >= 1, got {repetitions}")
     rows = []
     try:
         for kind, n, fn in plan:
+            test_time = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             fn(ctx, model, n, 0)                                   # warm-up
-            samples = []
+            seconds = []
             for r in range(repetitions):
-                samples.append(n / fn(ctx, model, n, r + 1))
+                seconds.append(fn(ctx, model, n, r + 1))
                 if progress:
                     progress(kind, n, r + 1, repetitions)
-            rows.append(dict(base, test=f"{kind}{n}", n=n, samples=samples,
-                             mean=statistics.fmean(samples),
-                             stddev=statistics.stdev(samples) if len(samples) > 1 else 0.0))
+            rows.append(_row(base, kind, n, seconds, test_time))
     finally:
         ctx.close()
         model.close()
     return rows
+
+
+def _stdev(values) -> float:
+    """llama-bench's stdev: the sample standard deviation, 0 for fewer than two values."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _row(base: dict, kind: str, n: int, seconds: list[float], test_time: str) -> dict:
+    """One result: llama-bench's fields, then alpaca2's own."""
+    from alpaca2 import _build_info
+    samples_ns = [int(round(t * 1e9)) for t in seconds]
+    samples_ts = [n / t for t in seconds]
+    gpus = [d["description"] for d in devices() if d["type"] in ("gpu", "igpu")]
+    fa = base["flash_attn"]
+    row = {
+        "build_commit": _build_info.LLAMA_CPP_COMMIT[:7], "build_number": 0, "cpu_info": machine_description().split(",")[0],
+        "gpu_info": ", ".join(gpus), "backends": base["backend"], "model_filename": base["model_path"],
+        "model_type": base["model_desc"], "model_size": base["size"], "model_n_params": base["n_params"],
+        "n_batch": base["n_batch"], "n_ubatch": base["n_ubatch"], "n_threads": base["n_threads"],
+        "cpu_mask": "0x0", "cpu_strict": False, "poll": 50,
+        "type_k": base["type_k"], "type_v": base["type_v"], "n_gpu_layers": base["n_gpu_layers"],
+        "n_cpu_moe": 0, "split_mode": "layer", "main_gpu": 0, "no_kv_offload": False,
+        "flash_attn": -1 if fa == "auto" else int(fa in (True, "True", "1", "on")),
+        "devices": "auto", "tensor_split": "0.00", "tensor_buft_overrides": "none", "load_mode": "auto",
+        "lazy_mode": "auto", "embeddings": False, "no_op_offload": 0, "no_host": False, "repack": True,
+        "fit_target": 0, "fit_min_ctx": 0,
+        "n_prompt": n if kind == "pp" else 0, "n_gen": 0 if kind == "pp" else n, "n_depth": 0,
+        "test_time": test_time,
+        "avg_ns": int(statistics.fmean(samples_ns)), "stddev_ns": int(_stdev(samples_ns)),
+        "avg_ts": statistics.fmean(samples_ts), "stddev_ts": _stdev(samples_ts),
+        "samples_ns": samples_ns, "samples_ts": samples_ts,
+    }
+    extras = {k: v for k, v in base.items() if k not in row and k != "model_path"}
+    row.update(extras, test=f"{kind}{n}", n=n, samples=samples_ts, mean=row["avg_ts"], stddev=row["stddev_ts"])
+    return row
 
 
 def format_rows(rows: list[dict], fmt: str = "md") -> str:
@@ -135,7 +178,7 @@ def format_rows(rows: list[dict], fmt: str = "md") -> str:
         return "\n".join(json.dumps(r) for r in rows)
     if fmt == "csv":
         out = io.StringIO()
-        keys = [k for k in rows[0] if k != "samples"] if rows else []
+        keys = [k for k in rows[0] if k not in ("samples", "samples_ns", "samples_ts")] if rows else []
         w = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:

@@ -322,3 +322,58 @@ def reference_hidden(w: Weights, tokens) -> np.ndarray:
         u = h @ t[p + "ffn_up.weight"].T
         x = x + ((g / (1.0 + np.exp(-g))) * u) @ t[p + "ffn_down.weight"].T
     return rmsnorm(x, t["output_norm.weight"])
+
+
+# -- LoRA adapters ---------------------------------------------------------------------------------
+
+LORA_TARGETS = ("attn_q", "attn_v", "ffn_down")
+
+
+def make_lora(path, weights: Weights, rank: int = 4, alpha: float = 8.0, targets=LORA_TARGETS, seed: int = 1,
+              output: bool = True, arch: str = "llama"):
+    """Write a LoRA adapter for a make_model() model in llama.cpp's GGUF LoRA format (what
+    convert_lora_to_gguf.py writes): general.type "adapter", adapter.type "lora",
+    adapter.lora.alpha, and per adapted weight ``<name>.lora_a`` (rank, n_in) and
+    ``<name>.lora_b`` (n_out, rank), numpy's (out, in) view.
+
+    Returns (path, {weight name: (A, B)}) in float32; ``merge_lora`` makes the reference weights.
+    ``targets``: the layers' weights to adapt (blk.N.<target>.weight); ``output`` adapts
+    output.weight too.
+    """
+    gguf = _require("gguf")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    names = [f"blk.{i}.{t}.weight" for i in range(weights.n_layer) for t in targets]
+    if output:
+        names.append("output.weight")
+    pairs = {}
+    for name in names:
+        n_out, n_in = weights.tensors[name].shape
+        a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        b = (rng.standard_normal((n_out, rank)) / np.sqrt(rank)).astype(np.float32)
+        pairs[name] = (a, b)
+    tmp = path.with_name(path.name + ".part")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(alpha))
+    for name, (a, b) in pairs.items():
+        writer.add_tensor(name + ".lora_a", a)
+        writer.add_tensor(name + ".lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return str(path), pairs
+
+
+def merge_lora(weights: Weights, pairs: dict, scale: float = 1.0, alpha: float = 8.0) -> Weights:
+    """The weights with a LoRA adapter merged in, as llama.cpp applies it at run time:
+    W + scale * alpha / rank * B @ A (scale alone when alpha is 0)."""
+    tensors = dict(weights.tensors)
+    for name, (a, b) in pairs.items():
+        rank = a.shape[0]
+        s = scale * alpha / rank if alpha else scale
+        tensors[name] = (tensors[name].astype(np.float64) + s * (b.astype(np.float64) @ a.astype(np.float64)))
+    return dataclasses.replace(weights, tensors=tensors)

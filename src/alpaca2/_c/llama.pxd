@@ -20,6 +20,8 @@ cdef extern from "llama.h" nogil:
         pass
     struct llama_context:
         pass
+    struct llama_adapter_lora:
+        pass
     struct llama_memory_i:
         pass
     ctypedef llama_memory_i * llama_memory_t
@@ -253,6 +255,18 @@ cdef extern from "llama.h" nogil:
     void llama_model_free(llama_model * model)
     llama_context * llama_init_from_model(llama_model * model, llama_context_params params)
     void llama_free(llama_context * ctx)
+
+    llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora)
+    int32_t llama_adapter_meta_val_str(const llama_adapter_lora * adapter, const char * key, char * buf,
+                                       size_t buf_size)
+    int32_t llama_adapter_meta_count(const llama_adapter_lora * adapter)
+    int32_t llama_adapter_meta_key_by_index(const llama_adapter_lora * adapter, int32_t i, char * buf,
+                                            size_t buf_size)
+    int32_t llama_adapter_meta_val_str_by_index(const llama_adapter_lora * adapter, int32_t i, char * buf,
+                                                size_t buf_size)
+    void llama_adapter_lora_free(llama_adapter_lora * adapter)
+    int32_t llama_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters, size_t n_adapters,
+                                    float * scales)
 
     int64_t llama_time_us()
     size_t llama_max_devices()

@@ -373,15 +373,44 @@ cdef float _float_arg_or_inf(value) except? -1.0:
     return v
 
 
-cdef class Sampler(SamplerChain):
-    """The usual sampler chain, built in C, with llama.cpp's defaults and order:
+cdef int _accept_vocab(Sampler s) except -1:
+    # the vocabulary size token ids are checked against (the chain is built once a model is known)
+    if llama_sampler_chain_n(s.ptr) == 0:
+        raise ValueError("this Sampler needs a model (grammar/logit_bias) before it can accept tokens: "
+                         "pass model= when creating it")
+    return (<Model>s._model)._n_vocab if s._model is not None else 0x7fffffff
 
-    logit_bias -> penalties -> grammar -> top_k -> typical -> top_p -> min_p -> temp -> dist.
+
+@cython.no_gc_clear          # the grammar (grmr) points into a model's vocabulary
+cdef class Sampler(SamplerChain):
+    """The usual sampler, built in C as llama.cpp's common sampler (llama-cli, llama-completion,
+    llama-server) builds it:
+
+    chain: logit_bias -> penalties -> top_k -> typical -> top_p -> min_p -> temp -> dist,
+    and a grammar kept apart from the chain: the chain picks a token, the grammar checks it, and
+    only when it is rejected are the logits sampled again with the grammar applied first.
 
     ``temp=0`` (or below) means greedy.  ``mirostat=1|2`` replaces top_k..dist with mirostat.
-    ``grammar`` (GBNF text) and ``logit_bias`` need the vocabulary: pass ``model=`` or the chain
-    is completed at the first sample() from the context's model.
+    ``seed=None`` draws a random seed (llama.cpp's LLAMA_DEFAULT_SEED).  ``grammar`` (GBNF text)
+    and ``logit_bias`` need the vocabulary: pass ``model=`` or the chain is completed at the
+    first sample() from the context's model.
+
+    The history the penalties look back on is every token accepted: ``sample()`` accepts what
+    it draws; ``accept_many(prompt)`` feeds a prompt first, as llama.cpp's tools do (into the
+    chain only: a grammar sees generated tokens, never the prompt).
     """
+
+    def __cinit__(self, *args, **kwargs):
+        self.grmr = NULL
+        self._cur = NULL
+        self._cur_cap = 0
+
+    def __dealloc__(self):
+        if self.grmr != NULL:
+            llama_sampler_free(self.grmr)
+            self.grmr = NULL
+        free(self._cur)
+        self._cur = NULL
 
     def __init__(self, *, double temp=0.8, int top_k=40, double top_p=0.95, double min_p=0.05,
                  double typical_p=1.0, double repeat_penalty=1.0, int penalty_last_n=64,
@@ -428,6 +457,7 @@ cdef class Sampler(SamplerChain):
         return p["grammar"] is not None or p["logit_bias"] or p["mirostat"] == 1
 
     def _build(self, Model model):
+        # common_sampler_init's chain (min_keep 0, its default); DRY, XTC and top-n-sigma are off
         p = self.params
         if model is not None:
             model._check()
@@ -437,15 +467,19 @@ cdef class Sampler(SamplerChain):
             self.ptr = llama_sampler_chain_init(llama_sampler_chain_default_params())
             self._names = []
             self._models = []
+        if self.grmr != NULL:
+            llama_sampler_free(self.grmr)
+            self.grmr = NULL
+        if p["grammar"] is not None:
+            # kept apart from the chain; registered with the model like a chain stage (closed with it)
+            self.grmr = _make_primitive(self, "grammar", (model, p["grammar"]), {})
         if p["logit_bias"]:
             self.add("logit_bias", model, p["logit_bias"])
         if p["repeat_penalty"] != 1.0 or p["frequency_penalty"] != 0.0 or p["presence_penalty"] != 0.0:
             self.add("penalties", p["penalty_last_n"], p["repeat_penalty"], p["frequency_penalty"],
                      p["presence_penalty"])
-        if p["grammar"] is not None:
-            self.add("grammar", model, p["grammar"])
         if p["temp"] <= 0:
-            self.add("greedy")
+            self.add("greedy")           # what temp <= 0 then dist picks: the first most likely token
         elif p["mirostat"] == 1:
             self.add("temp", p["temp"])
             self.add("mirostat", model, tau=p["mirostat_tau"], eta=p["mirostat_eta"], seed=p["seed"])
@@ -456,30 +490,191 @@ cdef class Sampler(SamplerChain):
             if p["top_k"] > 0:
                 self.add("top_k", p["top_k"])
             if p["typical_p"] < 1.0:
-                self.add("typical", p["typical_p"])
+                self.add("typical", p["typical_p"], 0)
             if p["top_p"] < 1.0:
-                self.add("top_p", p["top_p"])
+                self.add("top_p", p["top_p"], 0)
             if p["min_p"] > 0.0:
-                self.add("min_p", p["min_p"])
+                self.add("min_p", p["min_p"], 0)
             self.add("temp", p["temp"])
             self.add("dist", seed=p["seed"])
         self._model = model               # the model-bound stages registered the chain with it (add)
 
+    @property
+    def names(self):
+        """The stages, as llama.cpp names them: "grammar" (kept apart) first, then the chain's."""
+        with self._lock:
+            self._check()
+            return (["grammar"] if self.grmr != NULL else []) + [
+                llama_sampler_name(llama_sampler_chain_get(self.ptr, i)).decode()
+                for i in range(llama_sampler_chain_n(self.ptr))]
+
+    def close(self):
+        """Free the chain and the grammar.  Safe to call twice; waits for a sample() in another thread."""
+        with self._lock:
+            if self.grmr != NULL:
+                llama_sampler_free(self.grmr)
+                self.grmr = NULL
+            SamplerChain.close(self)
+
+    def reset(self):
+        """Forget the history (penalty window, grammar state); a seeded dist sampler restarts its sequence."""
+        with self._lock:
+            self._check()
+            llama_sampler_reset(self.ptr)
+            if self.grmr != NULL:
+                llama_sampler_reset(self.grmr)
+
+    cdef llama_token_data * _candidates(self, int n) except NULL:
+        if <size_t>n > self._cur_cap:
+            free(self._cur)
+            self._cur = NULL
+            self._cur_cap = 0
+            self._cur = <llama_token_data *>malloc(max(n, 1) * sizeof(llama_token_data))
+            if self._cur == NULL:
+                raise MemoryError()
+            self._cur_cap = n
+        return self._cur
+
+    cdef llama_token _sample_grammar(self, const float * logits, int n) except? -1:
+        """common_sampler_sample with a grammar, then common_sampler_accept(token, is_generated)."""
+        cdef llama_token_data * cur = self._candidates(n)
+        cdef llama_token_data_array arr
+        cdef llama_token_data single
+        cdef llama_token_data_array one
+        cdef llama_token tok = -1
+        cdef int i
+        cdef bint rejected
+        try:
+            with nogil:
+                for i in range(n):
+                    cur[i].id = i
+                    cur[i].logit = logits[i]
+                    cur[i].p = 0
+                arr.data = cur
+                arr.size = n
+                arr.selected = -1
+                arr.sorted = False
+                sampler_apply_cpp(self.ptr, &arr)              # the chain picks ...
+            if arr.selected < 0 or <size_t>arr.selected >= arr.size:
+                raise ValueError("the chain selected no token")
+            tok = arr.data[arr.selected].id
+            single.id = tok
+            single.logit = 1.0
+            single.p = 0
+            one.data = &single
+            one.size = 1
+            one.selected = -1
+            one.sorted = False
+            with nogil:
+                sampler_apply_cpp(self.grmr, &one)             # ... the grammar checks ...
+            rejected = isinf(single.logit) and single.logit < 0
+            if rejected:
+                with nogil:                                    # ... or goes first, on fresh logits
+                    for i in range(n):
+                        cur[i].id = i
+                        cur[i].logit = logits[i]
+                        cur[i].p = 0
+                    arr.data = cur
+                    arr.size = n
+                    arr.selected = -1
+                    arr.sorted = False
+                    sampler_apply_cpp(self.grmr, &arr)
+                    sampler_apply_cpp(self.ptr, &arr)
+                if arr.selected < 0 or <size_t>arr.selected >= arr.size:
+                    raise ValueError("the chain selected no token")
+                tok = arr.data[arr.selected].id
+            with nogil:
+                sampler_accept_cpp(self.grmr, tok)
+                sampler_accept_cpp(self.ptr, tok)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise _sampler_error(e) from None
+        return tok
+
     def sample(self, Context ctx not None, int idx=-1):
-        """Sample a token from ctx's logits (see SamplerChain.sample); builds the chain at first use."""
+        """Sample a token from ctx's logits at output idx and accept it (chain and grammar);
+        builds the chain from the context's model at first use."""
+        cdef const float * logits
+        cdef llama_token tok
+        cdef int c_idx = idx
         with self._lock:
             self._check()
             if llama_sampler_chain_n(self.ptr) == 0:
                 self._build(ctx.model)
-            return SamplerChain.sample(self, ctx, idx)
+            if self.grmr == NULL:
+                return SamplerChain.sample(self, ctx, idx)
+            with ctx._lock:
+                ctx._check()
+                ctx._check_out(idx)
+                if ctx._all_logits is not None:
+                    return self.sample_logits(ctx._all_logits[idx])
+                logits = llama_get_logits_ith(ctx.ptr, c_idx)
+                if logits == NULL:
+                    raise SamplerError(f"there are no logits at output {idx} to sample from: decode first")
+                tok = self._sample_grammar(logits, ctx._n_vocab)
+                if isnan(logits[tok]):
+                    raise SamplerError("the logits are NaN (NaN weights or parameters?): no token can be sampled")
+        return tok
 
     def sample_logits(self, logits):
-        """Sample from a 1-d float array of logits (see SamplerChain.sample_logits)."""
+        """Sample from a 1-d float array of logits (any source) and accept the token."""
+        cdef float[::1] lv
+        cdef int n_vocab
+        cdef llama_token tok
         with self._lock:
             self._check()
             if llama_sampler_chain_n(self.ptr) == 0:
                 raise ValueError("this Sampler needs a model (grammar/logit_bias): pass model= when creating it")
-            return SamplerChain.sample_logits(self, logits)
+            if self.grmr == NULL:
+                return SamplerChain.sample_logits(self, logits)
+            lv = np.ascontiguousarray(logits, dtype=np.float32)
+            n_vocab = (<Model>self._model)._n_vocab
+            if lv.shape[0] != n_vocab:
+                raise SamplerError(f"a grammar needs logits for the whole vocabulary ({n_vocab}), "
+                                   f"got {lv.shape[0]}")
+            tok = self._sample_grammar(&lv[0], n_vocab)
+            if isnan(lv[tok]):
+                raise SamplerError("the logits are NaN: no token can be sampled")
+            return tok
+
+    def accept(self, token, bint grammar=True):
+        """Add a generated token to the history (penalties and, with grammar=True, the grammar)."""
+        cdef llama_token tok
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise ArgumentTypeError(f"a token id must be an int, not {type(token).__name__}")
+        with self._lock:
+            self._check()
+            tok = _token_arg(token, _accept_vocab(self))
+            try:
+                if grammar and self.grmr != NULL:
+                    sampler_accept_cpp(self.grmr, tok)
+                sampler_accept_cpp(self.ptr, tok)
+            except (RuntimeError, IndexError, ValueError) as e:
+                raise _sampler_error(e) from None
+
+    def accept_many(self, tokens, bint grammar=False):
+        """Add tokens to the history in one C loop, the GIL released: a prompt, by default into
+        the chain only (common_sampler_accept(token, is_generated=false), as llama.cpp's tools
+        feed the prompt); ``grammar=True`` feeds the grammar too (tokens that were generated)."""
+        cdef cnp.ndarray arr
+        cdef const llama_token * toks
+        cdef Py_ssize_t i, n
+        cdef llama_sampler * chain
+        cdef llama_sampler * grmr
+        with self._lock:
+            self._check()
+            arr = _token_array(tokens, _accept_vocab(self))
+            toks = <const llama_token *>cnp.PyArray_DATA(arr)
+            n = arr.shape[0]
+            chain = self.ptr
+            grmr = self.grmr if grammar else NULL
+            try:
+                with nogil:
+                    for i in range(n):
+                        if grmr != NULL:
+                            sampler_accept_cpp(grmr, toks[i])
+                        sampler_accept_cpp(chain, toks[i])
+            except (RuntimeError, IndexError, ValueError) as e:
+                raise _sampler_error(e) from None
 
     def __repr__(self):
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if v is not None)

@@ -208,6 +208,9 @@ cdef class Speculator:
         """
         self.target._check()
         sampler._check()
+        if isinstance(sampler, Sampler) and (<Sampler>sampler).grmr != NULL:
+            raise ValueError("a Sampler with a grammar cannot verify drafts (its grammar is kept apart "
+                             "from the chain): decode without speculation")
         cdef cnp.ndarray arr = _token_array(tokens, self.target._n_vocab)
         cdef int n = arr.shape[0], i, common
         if n == 0:

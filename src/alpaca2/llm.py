@@ -250,7 +250,7 @@ class Llama:
             p = sampler.params
             draft_sampler = Sampler(temp=p["temp"], top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"],
                                     typical_p=p["typical_p"],
-                                    seed=None if p["seed"] is None else (p["seed"] + 1) & 0xFFFFFFFF)
+                                    seed=None if p["seed"] is None else (p["seed"] + 1) % 0xFFFFFFFF)
         spec.begin(self._tokens + [tok], sampler, draft_sampler)
         pending = tok
         while True:

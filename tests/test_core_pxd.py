@@ -70,8 +70,22 @@ def headers():
     return out
 
 
+# alpaca2's own C++ shim over llama.cpp's common library: its .pxd declares our header, not llama.cpp's
+OWN_PXD = {"common_shim.pxd": Path(__file__).resolve().parents[1] / "src" / "alpaca2" / "_common_shim.h"}
+
+
 def test_there_is_one_pxd_per_header():
-    assert sorted(p.name for p in PXD_DIR.glob("*.pxd") if p.name != "__init__.pxd") == sorted(HEADERS)
+    names = sorted(p.name for p in PXD_DIR.glob("*.pxd") if p.name != "__init__.pxd")
+    assert names == sorted(list(HEADERS) + list(OWN_PXD))
+
+
+def test_the_shim_pxd_matches_its_header():
+    pxd = (PXD_DIR / "common_shim.pxd").read_text()
+    header = strip_c_comments(OWN_PXD["common_shim.pxd"].read_text())
+    names = re.findall(r"^\s+(?:int|void|bool|formatter \*|[\w:<>]+)\s+(\w+)\(", pxd, flags=re.M)
+    assert len(names) >= 3, "no functions parsed from common_shim.pxd"
+    missing = [n for n in names if not re.search(rf"\b{n}\s*\(", header)]
+    assert not missing, f"declared in common_shim.pxd but not in _common_shim.h: {missing}"
 
 
 @pytest.mark.parametrize("pxd", WITH_ENUMS)

@@ -372,9 +372,9 @@ def cmd_rpc_server(args) -> int:
     return EXIT_ERROR
 
 
-def cmd_serve(args) -> int:
-    from alpaca2 import server
-    return server.serve(args, _model_path(args))
+def cmd_serve(argv) -> int:
+    from alpaca2 import server      # llama-server's flags, parsed by the server's own parser
+    return server.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,18 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache received weights in ~/.cache/llama.cpp/rpc: a reload sends hashes, not weights")
     r.set_defaults(func=cmd_rpc_server)
 
-    from alpaca2 import server
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server; many clients share the model",
-                       description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
-                       "/health and /metrics (pip install 'alpaca2-llama[server]').")
-    _add_model_args(s)
-    server.add_arguments(s)
-    _add_rpc_args(s)
-    s.set_defaults(func=cmd_serve)
+    # listed for --help; main() hands "serve ..." to alpaca2.server.main (llama-server's flags)
+    sub.add_parser("serve", help="OpenAI- and llama-server-compatible HTTP server; many clients share the model",
+                   add_help=False)
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     if hasattr(args, "default_n_predict") and args.n_predict is None:
         args.n_predict = DEMO_N_PREDICT if args.demo else args.default_n_predict

@@ -1,0 +1,243 @@
+"""llama-server's own paths: /health, /metrics, /props, /slots, /tokenize, /detokenize,
+/apply-template, and the native /completion (llama-server's response shape, with timings).
+
+Mixed into alpaca2.server.app.Server.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import alpaca2
+from alpaca2.errors import Alpaca2Error
+from alpaca2.server.engine import RATE_WINDOW_S
+from alpaca2.server.openai_api import sse
+from alpaca2.server.validation import APIError, bad, number, read_json
+
+
+def not_supported(message) -> APIError:
+    return APIError(501, message, type="not_supported_error", code="not_supported")
+
+
+def _piece(model, tok):
+    """A token's text, or its bytes when they are not whole UTF-8 (as llama-server's /tokenize)."""
+    b = model.token_to_piece(tok)
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(b)
+
+
+class LlamaRoutes:
+    """The llama-server-shaped endpoints (a mixin of Server)."""
+
+    def llama_routes(self) -> list:
+        """Starlette routes of llama-server's own paths."""
+        from starlette.routing import Route
+        return [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/props", self.props, methods=["GET"]),
+            Route("/props", self.set_props, methods=["POST"]),
+            Route("/slots", self.slots, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/apply-template", self.apply_template, methods=["POST"]),
+            Route("/completion", self.completion, methods=["POST"]),
+            Route("/completions", self.completion, methods=["POST"]),
+        ]
+
+    async def health(self, request):
+        e = self.engine
+        ok = e.alive
+        status = "ok" if ok else ("shutting down" if e._draining else "decode thread stopped")
+        return self._json({"status": status, "slots_total": e.parallel, "slots_busy": e.busy_slots,
+                           "queue_length": e.queue_length}, 200 if ok else 503)
+
+    def generation_settings(self, job=None) -> dict:
+        """The sampling settings as llama-server's params (a job's own, or the server's defaults)."""
+        p = self.sampling
+        out = {"seed": job.seed if job is not None else (self.seed if self.seed is not None else 0xFFFFFFFF),
+               "temperature": p["temp"], "top_k": p["top_k"], "top_p": p["top_p"], "min_p": p["min_p"],
+               "typical_p": p.get("typical_p", 1.0), "repeat_last_n": p["penalty_last_n"],
+               "repeat_penalty": p["repeat_penalty"], "presence_penalty": p.get("presence_penalty", 0.0),
+               "frequency_penalty": p.get("frequency_penalty", 0.0), "mirostat": 0,
+               "adaptive_target": -1.0, "adaptive_decay": 0.9,
+               "n_predict": job.max_tokens if job is not None else (self.n_predict if self.n_predict else -1),
+               "n_probs": job.n_probs if job is not None else 0, "stop": list(job.stop) if job is not None else [],
+               "ignore_eos": job.ignore_eos if job is not None else False, "stream": False}
+        return out
+
+    async def props(self, request):
+        model = self.model
+        return self._json({
+            "default_generation_settings": {"params": self.generation_settings(), "n_ctx": self.engine.n_ctx_slot},
+            "total_slots": self.engine.parallel, "model_alias": self.model_id, "model_path": model.path,
+            "modalities": {"vision": False, "video": False, "audio": False},
+            "endpoint_slots": self.slots_enabled, "endpoint_props": self.props_writable,
+            "endpoint_metrics": self.metrics_enabled, "ui": False,
+            "chat_template": getattr(self.template, "template", None) or model.chat_template or "",
+            "bos_token": model.token_text(model.bos) if model.bos >= 0 else "",
+            "eos_token": model.token_text(model.eos) if model.eos >= 0 else "",
+            "build_info": f"alpaca2 {alpaca2.__version__} (llama.cpp {alpaca2.llama_cpp_version()})",
+            "is_sleeping": False,
+        })
+
+    async def set_props(self, request):
+        if not self.props_writable:
+            raise not_supported("This server does not support changing global properties. Start it with `--props`")
+        await read_json(request, self.max_body, self.body_timeout)
+        return self._json({"success": True})
+
+    async def slots(self, request):
+        if not self.slots_enabled:
+            raise not_supported("This server does not support slots endpoint. Start it with `--slots`")
+        out = []
+        for s in self.engine.slots:
+            job = s.job
+            d = {"id": s.seq_id, "n_ctx": self.engine.n_ctx_slot, "speculative": False,
+                 "is_processing": job is not None}
+            if job is not None:
+                d.update({"n_prompt_tokens": len(job.tokens), "n_prompt_tokens_cache": job.cached_tokens,
+                          "next_token": [{"has_next_token": True, "n_remain": job.max_tokens - job.completion_tokens,
+                                          "n_decoded": job.completion_tokens}]})
+            out.append(d)
+        return self._json(out)
+
+    async def tokenize(self, request):
+        body = await read_json(request, self.max_body, self.body_timeout)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise bad("'content' must be a string", "content")
+        add_special = body.get("add_special", False)
+        parse_special = body.get("parse_special", False)       # user text stays text unless asked
+        with_pieces = body.get("with_pieces", False)
+        for key, v in (("add_special", add_special), ("parse_special", parse_special), ("with_pieces", with_pieces)):
+            if not isinstance(v, bool):
+                raise bad(f"'{key}' must be true or false", key)
+        ids = await asyncio.to_thread(self.model.tokenize, content, add_bos=add_special, special=parse_special)
+        if with_pieces:
+            return self._json({"tokens": [{"id": t, "piece": _piece(self.model, t)} for t in ids]})
+        return self._json({"tokens": ids})
+
+    async def detokenize(self, request):
+        body = await read_json(request, self.max_body, self.body_timeout)
+        tokens = body.get("tokens", [])
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad("'tokens' must be a list of token ids", "tokens")
+        self.check_tokens(tokens, "tokens")
+        return self._json({"content": self.model.detokenize(tokens)})
+
+    async def apply_template(self, request):
+        body = await read_json(request, self.max_body, self.body_timeout)
+        messages = self.messages_of(body)
+        try:
+            ids = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
+        except (ValueError, RuntimeError, Alpaca2Error) as e:
+            raise bad(f"cannot format these messages: {e}", "messages") from None
+        text = self.model.detokenize(ids, special=True)
+        bos = self.model.token_text(self.model.bos) if self.model.bos >= 0 else ""
+        if bos and ids and ids[0] == self.model.bos and text.startswith(bos):
+            text = text[len(bos):]          # as llama-server: the prompt text, without the BOS the tokenizer adds
+        return self._json({"prompt": text})
+
+    # -- the native /completion ------------------------------------------------------------------
+    def _native(self, job, text, probs, tokens, final, return_tokens, post_sampling=False):
+        d = {"index": job.index, "content": text, "tokens": tokens if (return_tokens or not final) else [],
+             "id_slot": job.slot_id, "stop": final, "model": self.model_id, "tokens_predicted": job.completion_tokens,
+             "tokens_evaluated": len(job.tokens)}
+        if job.n_probs:
+            d["completion_probabilities"] = [_post_sampling(p) if post_sampling else p for p in probs]
+        if final:
+            d.update({"generation_settings": self.generation_settings(job), "prompt": "",
+                      "has_new_line": "\n" in "".join(job.text_seen), "truncated": False,
+                      "stop_type": job.stop_type, "stopping_word": job.stopping_word,
+                      "tokens_cached": job.cached_tokens + job.completion_tokens, "timings": job.timings})
+        return d
+
+    async def completion(self, request):
+        """llama-server's /completion: content, tokens, stop_type, timings ... (streamed as SSE)."""
+        body = await read_json(request, self.max_body, self.body_timeout)
+        tokens = await self.tokens_of(body.get("prompt"))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad("'stream' must be true or false", "stream")
+        n_probs = number(body, "n_probs", 0, 100, integer=True) or 0
+        return_tokens = bool(body.get("return_tokens", False))
+        post = bool(body.get("post_sampling_probs", False))
+        jobs = self.jobs_for(body, tokens, False, n_probs=n_probs)
+        job = jobs[0]
+        job.text_seen = []
+        self.submit(jobs)
+        if stream:
+            from starlette.responses import StreamingResponse
+
+            async def events():
+                async for _, ev in self.events_of(jobs):
+                    if ev[0] == "text":
+                        job.text_seen.append(ev[1])
+                        if ev[1] or ev[2]:
+                            yield sse(self._native(job, ev[1], ev[3], ev[2], False, True, post))
+                    elif ev[0] == "end":
+                        yield sse(self._native(job, "", [], [], True, return_tokens))
+                    else:
+                        yield sse(self.error_of(ev).body())
+                        return
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results = await self.collect(request, jobs)
+        if results is None:
+            from starlette.responses import Response
+            return Response(status_code=499)
+        r = results[0]
+        job.text_seen = [r["text"]]
+        return self._json(self._native(job, r["text"], r["probs"], r["tokens"], True, return_tokens, post))
+
+    async def metrics(self, request):
+        from starlette.responses import Response
+        if not self.metrics_enabled:
+            raise not_supported("This server does not support metrics endpoint. Start it with `--metrics`")
+        e = self.engine
+        lines = []
+
+        def metric(name, kind, help, samples):
+            lines.append(f"# HELP alpaca2_{name} {help}")
+            lines.append(f"# TYPE alpaca2_{name} {kind}")
+            for labels, value in samples:
+                lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                lines.append(f"alpaca2_{name}{{{lab}}} {value}" if lab else f"alpaca2_{name} {value}")
+        metric("requests_total", "counter", "HTTP requests by endpoint and status code.",
+               [({"endpoint": ep, "code": str(code)}, n) for (ep, code), n in sorted(self.requests.items())])
+        metric("request_duration_seconds_total", "counter", "Time spent answering requests, by endpoint.",
+               [({"endpoint": ep}, round(s, 6)) for ep, s in sorted(self.latency_sum.items())])
+        metric("requests_rejected_total", "counter", "Requests answered 503 because the queue was full.",
+               [({}, e.rejected_total)])
+        metric("requests_cancelled_total", "counter", "Requests whose client went away before the end.",
+               [({}, e.cancelled_total)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens of generation requests.", [({}, e.prompt_tokens_total)])
+        metric("prompt_tokens_cached_total", "counter", "Prompt tokens reused from a slot's KV cache.",
+               [({}, e.prompt_tokens_cached_total)])
+        metric("completion_tokens_total", "counter", "Generated tokens.", [({}, e.completion_tokens_total)])
+        metric("embedding_tokens_total", "counter", "Tokens embedded.", [({}, e.embedding_tokens_total)])
+        metric("tokens_per_second", "gauge", f"Generated tokens per second over the last {RATE_WINDOW_S:.0f} s.",
+               [({}, round(e.tokens_per_second(), 3))])
+        metric("decode_steps_total", "counter", "Batched llama_decode calls.", [({}, e.decode_steps_total)])
+        metric("decode_seconds_total", "counter", "Time in decode steps (decode and sampling).",
+               [({}, round(e.decode_seconds_total, 6))])
+        metric("queue_length", "gauge", "Requests waiting for a slot.", [({}, e.queue_length)])
+        metric("slots_busy", "gauge", "Slots decoding a request.", [({}, e.busy_slots)])
+        metric("slots_total", "gauge", "Slots (parallel sequences).", [({}, e.parallel)])
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+def _post_sampling(entry):
+    """llama-server's post_sampling_probs shape: probabilities instead of log-probabilities."""
+    import math
+
+    def one(e):
+        return {"id": e["id"], "token": e["token"], "bytes": e["bytes"], "prob": math.exp(e["logprob"])}
+    out = one(entry)
+    out["top_probs"] = [one(t) for t in entry["top_logprobs"] if math.exp(t["logprob"]) > 0]
+    return out
+
+

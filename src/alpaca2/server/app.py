@@ -28,7 +28,7 @@ import alpaca2
 from alpaca2._core import Model
 from alpaca2.sampling import DEFAULT_SAMPLING
 from alpaca2.server.anthropic import AnthropicRoutes
-from alpaca2.server.connections import guarded_protocol, max_connections_for, quiet_accept_errors
+from alpaca2.server.connections import guarded_protocol, limits_for, quiet_accept_errors
 from alpaca2.server.engine import Engine
 from alpaca2.server.generation import Generation
 from alpaca2.server.llama_api import LlamaRoutes
@@ -238,10 +238,10 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
         socks = [_listen_socket(h.strip(), args.port) for h in args.host.split(",") if h.strip()]
         host, port = socks[0].getsockname()[:2]
         quiet_accept_errors()
-        max_conn = max_connections_for(args.max_connections)
+        max_conn, backlog = limits_for(args.max_connections)
         config = uvicorn.Config(srv, log_level="info" if args.verbose else "warning", access_log=args.access_log,
                                 timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="off",
-                                timeout_keep_alive=min(args.timeout, 5),
+                                timeout_keep_alive=min(args.timeout, 5), backlog=backlog,
                                 http=guarded_protocol(args.header_timeout, max_conn))
         server = _uvicorn_server_class()(config, engine, args.shutdown_timeout)
         shown = f"[{host}]" if ":" in host else host

@@ -6,8 +6,9 @@ Here, on top of uvicorn's own protocol:
 
 - the request head (request line and headers) must arrive within ``header_timeout`` seconds of
   the connection (or of the previous response): else 408 and the connection is closed;
-- at most ``max_connections`` are open; one more gets 503 (Retry-After) and is closed at once,
-  so descriptors never run out; the cap is kept under the process's RLIMIT_NOFILE;
+- at most ``max_connections`` are open; one more gets 503 (Retry-After) and is closed at once;
+  the cap and the accept backlog are kept under the process's RLIMIT_NOFILE, so descriptors never
+  run out;
 - "out of system resource" accept errors are logged once a minute, without the traceback.
 
 The body's deadline (``--timeout``) is kept by alpaca2.server.validation.read_json.
@@ -20,8 +21,12 @@ import time
 FD_RESERVE = 64           # descriptors kept for the model, threads, logs and the listening sockets
 
 
-def max_connections_for(requested: int) -> int:
-    """The connection cap: what was asked, but under the descriptor limit (raised to its hard limit)."""
+def limits_for(requested: int) -> tuple[int, int]:
+    """(connection cap, accept backlog) under the descriptor limit (first raised to its hard limit).
+
+    asyncio accepts up to ``backlog`` connections in one go before any of them is seen by the
+    protocol, so the cap leaves room for one such burst: descriptors then never run out (running
+    out made the accept loop retry and log a traceback per failed accept)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -38,10 +43,11 @@ def max_connections_for(requested: int) -> int:
             except (ValueError, OSError):
                 pass
     except ImportError:          # not on POSIX
-        return requested
+        return requested, 128
     if soft == resource.RLIM_INFINITY:
-        return requested
-    return max(1, min(requested, soft - max(FD_RESERVE, soft // 8)))
+        return requested, 128
+    backlog = max(8, min(128, soft // 8))
+    return max(1, min(requested, soft - max(FD_RESERVE, soft // 8) - backlog)), backlog
 
 
 def _response(status: bytes, message: str, extra: bytes = b"") -> bytes:

@@ -415,7 +415,7 @@ class Engine:
             self._post(events)
             return
         n_new = 0
-        for s, idx in plan:
+        for out, (s, idx) in enumerate(plan):      # plan is in batch order: out is the output index
             try:
                 tok = s.job.sampler.sample(self.ctx, idx)
             except (Alpaca2Error, ValueError, RuntimeError) as e:     # this job's sampler (a grammar dead end)
@@ -423,7 +423,7 @@ class Engine:
                 s.job.t_end = time.monotonic()
                 self._release(s)
                 continue
-            n_new += self._take(s, tok, idx, events)
+            n_new += self._take(s, tok, out, events)
         dt = time.perf_counter() - t0
         self.decode_steps_total += 1
         self.decode_seconds_total += dt
@@ -433,7 +433,7 @@ class Engine:
             self._recent.popleft()
         self._post(events)
 
-    def _take(self, slot, tok, idx, events) -> int:
+    def _take(self, slot, tok, out, events) -> int:
         """Handle a slot's sampled token; returns 1 when it counts as a completion token."""
         job = slot.job
         counted = 0
@@ -449,7 +449,10 @@ class Engine:
             job.generated.append(tok)
             job._toks.append(tok)
             if job.n_probs:
-                job._probs.append(self._logprobs(idx, tok, job.n_probs))
+                entry = self._logprobs(out, tok, job.n_probs)
+                if job.completion_tokens == 1 and job.strip_leading_space and entry["token"].startswith(" "):
+                    entry["token"] = entry["token"][1:]     # as the text: the template's space is not shown
+                job._probs.append(entry)
             self.completion_tokens_total += 1
             text = slot.stream.push(self.model.token_to_piece(tok))
             if text:
@@ -473,9 +476,9 @@ class Engine:
         self._release(slot)
         return counted
 
-    def _logprobs(self, idx, tok, n) -> dict:
+    def _logprobs(self, out, tok, n) -> dict:
         """The sampled token's log-probability and the n most likely (raw logits, as llama-server)."""
-        row = np.asarray(self.ctx.logits_at(idx), dtype=np.float64)
+        row = np.asarray(self.ctx.logits_at(out), dtype=np.float64)      # a copy: the view dies at the next decode
         m = row.max()
         logz = m + np.log(np.exp(row - m).sum())
         top = np.argpartition(-row, min(n, row.size - 1))[:n]

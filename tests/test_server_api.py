@@ -249,3 +249,80 @@ def test_help_lists_llama_server_flags():
     r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "--api-key" in r.stdout and "--cors-origins" in r.stdout
+
+
+# -- grammar, infill, Anthropic -----------------------------------------------------------------
+
+def test_grammar_constrains_the_answer(server):
+    body = {"prompt": "hello", "n_predict": 12, "temperature": 1.0, "seed": 5,
+            "grammar": 'root ::= "yes" | "no" | [0-9]+'}
+    for _ in range(3):
+        d = post(server, "/completion", body).json()
+        assert d["content"] in ("yes", "no") or d["content"].isdigit(), d["content"]
+    r = post(server, "/completion", dict(body, grammar="root ::= ("))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "grammar"
+
+
+def test_json_schema_output(server):
+    pytest.importorskip("alpaca2._common")
+    import json
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    r = server.client().chat.completions.create(
+        model="x", messages=chat("a number"), max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content)["n"], int)
+    bad_schema = {"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}
+    r = post(server, "/v1/chat/completions", {"messages": chat("x"), "response_format": bad_schema})
+    assert r.status_code == 400
+
+
+@pytest.fixture(scope="module")
+def fim_path(tiny_path, tmp_path_factory):
+    """The tiny model with fill-in-the-middle token ids (3, 4, 5) in its metadata."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    out = tmp_path_factory.mktemp("fim") / "fim.gguf"
+    reader = gguf.GGUFReader(str(tiny_path), "r")
+    writer = gguf.GGUFWriter(str(out), arch="llama", endianess=reader.endianess)
+    u32 = gguf.GGUFValueType.UINT32
+    copy_with_new_metadata(reader, writer, {f"tokenizer.ggml.fim_{k}_token_id": MetadataDetails(u32, v)
+                                            for k, v in (("pre", 3), ("suf", 4), ("mid", 5))}, [])
+    return out
+
+
+def test_infill(server, fim_path, vocab):
+    assert post(server, "/infill", {"input_prefix": "a", "input_suffix": "b"}).status_code == 501   # no FIM ids
+    s = ServerProcess(fim_path, "-np", "1", "-c", "512")
+    try:
+        body = {"input_prefix": "def f():\n", "input_suffix": "\n", "prompt": "  return", "n_predict": 4,
+                "temperature": 0, "logit_bias": NO_EOS}
+        d = post(s, "/infill", body).json()
+        tok = vocab.tokenize
+        expect = [1, 3] + tok("def f():\n", add_bos=False) + [4] + tok("\n", add_bos=False) + [5] + tok("  return",
+                                                                                                        add_bos=False)
+        assert d["tokens_evaluated"] == len(expect) and d["tokens_predicted"] == 4
+        same = post(s, "/completion", {"prompt": expect, "n_predict": 4, "temperature": 0,
+                                       "logit_bias": NO_EOS}).json()
+        assert same["content"] == d["content"]                   # the FIM prompt is exactly those tokens
+        for extra in ([{}], [{"filename": 1, "text": "x"}], "no"):
+            assert post(s, "/infill", dict(body, input_extra=extra)).status_code == 400
+    finally:
+        s.stop()
+
+
+def test_anthropic_messages(server, vocab):
+    body = {"model": "claude-x", "max_tokens": 6, "system": "Be brief.", "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "你好"}]}]}
+    d = post(server, "/v1/messages", body).json()
+    assert d["type"] == "message" and d["role"] == "assistant" and d["content"][0]["type"] == "text"
+    assert d["stop_reason"] in ("end_turn", "max_tokens") and "timings" not in d
+    n_in = post(server, "/v1/messages/count_tokens", body).json()["input_tokens"]
+    assert d["usage"]["input_tokens"] == n_in > 0
+    with httpx.stream("POST", server.url + "/v1/messages", json=dict(body, stream=True), timeout=120) as r:
+        events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[:2] == ["message_start", "content_block_start"]
+    assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    img = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}
+    r = post(server, "/v1/messages", dict(body, messages=[{"role": "user", "content": [img]}]))
+    assert r.status_code == 500 and "image input is not supported" in r.json()["error"]["message"]

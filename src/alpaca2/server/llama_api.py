@@ -45,6 +45,7 @@ class LlamaRoutes:
             Route("/apply-template", self.apply_template, methods=["POST"]),
             Route("/completion", self.completion, methods=["POST"]),
             Route("/completions", self.completion, methods=["POST"]),
+            Route("/infill", self.infill, methods=["POST"]),
         ]
 
     async def health(self, request):
@@ -155,10 +156,59 @@ class LlamaRoutes:
                       "tokens_cached": job.cached_tokens + job.completion_tokens, "timings": job.timings})
         return d
 
+    def _fim_ids(self):
+        md = self.model.metadata
+        ids = {}
+        for k in ("pre", "suf", "mid", "rep", "sep"):
+            v = md.get(f"tokenizer.ggml.fim_{k}_token_id")     # metadata values come as text
+            ids[k] = int(v) if v is not None and str(v).lstrip("-").isdigit() and int(v) >= 0 else None
+        if any(ids[k] is None for k in ("pre", "suf", "mid")):
+            raise not_supported("this model has no fill-in-the-middle tokens (tokenizer.ggml.fim_pre/suf/mid)")
+        return ids
+
+    async def infill(self, request):
+        """llama-server's /infill: input_prefix, input_suffix, optional input_extra files and prompt,
+        in the model's FIM format (prefix, suffix, middle), answered as /completion."""
+        body = await read_json(request, self.max_body, self.body_timeout)
+        ids = self._fim_ids()
+        texts = {}
+        for key in ("input_prefix", "input_suffix", "prompt"):
+            v = body.get(key, "")
+            if not isinstance(v, str):
+                raise bad(f"'{key}' must be a string", key)
+            texts[key] = v
+        extra = body.get("input_extra", [])
+        if not isinstance(extra, list):
+            raise bad("'input_extra' must be a list of {filename, text} objects", "input_extra")
+        for chunk in extra:
+            if (not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str)
+                    or not isinstance(chunk.get("filename", ""), str)):
+                raise bad("each 'input_extra' chunk needs a string 'text' (and an optional string 'filename')",
+                          "input_extra")
+
+        def tok(text):
+            return self.model.tokenize(text, add_bos=False, special=False)
+        tokens = [self.model.bos] if self.model.add_bos and self.model.bos >= 0 else []
+        if extra:          # other files first, as llama-server: <fim_rep>project, <fim_sep>name, text
+            if ids["rep"] is not None:
+                tokens += [ids["rep"]] + tok("myproject\n")
+            for chunk in extra:
+                if ids["sep"] is not None:
+                    tokens += [ids["sep"]] + tok(chunk.get("filename", "") + "\n")
+                tokens += tok(chunk["text"])
+            if ids["sep"] is not None:
+                tokens += [ids["sep"]] + tok("filename\n")
+        tokens += [ids["pre"]] + tok(texts["input_prefix"]) + [ids["suf"]] + tok(texts["input_suffix"])
+        tokens += [ids["mid"]] + tok(texts["prompt"])
+        return await self._complete(request, body, tokens)
+
     async def completion(self, request):
         """llama-server's /completion: content, tokens, stop_type, timings ... (streamed as SSE)."""
         body = await read_json(request, self.max_body, self.body_timeout)
         tokens = await self.tokens_of(body.get("prompt"))
+        return await self._complete(request, body, tokens)
+
+    async def _complete(self, request, body, tokens):
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad("'stream' must be true or false", "stream")

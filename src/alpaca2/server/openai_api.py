@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 import uuid
 
@@ -84,9 +85,6 @@ class OpenAIRoutes:
         tools = body.get("tools") or body.get("functions")
         if tools and body.get("tool_choice", "auto") != "none":
             raise bad("tools and function calling are not supported yet", "tools")
-        rf = body.get("response_format")
-        if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-            raise bad("only response_format {'type': 'text'} is supported yet", "response_format")
 
     def messages_of(self, body):
         """The request's messages as {"role", "content"} dicts, checked as llama-server does."""
@@ -269,6 +267,8 @@ class OpenAIRoutes:
 
     def _model_card(self):
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "alpaca2",
+                "aliases": sorted(self.model_names - {os.path.basename(self.model.path)}) or [self.model_id],
+                "tags": list(self.tags),
                 "meta": {"n_ctx_slot": self.engine.n_ctx_slot, "parallel": self.engine.parallel,
                          "n_vocab": self.model.n_vocab, "template": self.template.name, "desc": self.model.desc}}
 

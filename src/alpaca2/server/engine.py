@@ -169,6 +169,10 @@ class Engine:
         self.completion_tokens_total = 0
         self.embedding_tokens_total = 0
         self.decode_steps_total = 0
+        self.prompt_seconds_total = 0.0        # llama-server's: prompt and generation time of ended jobs
+        self.predicted_seconds_total = 0.0
+        self.busy_slot_steps = 0               # busy slots summed over decode steps
+        self.n_tokens_max = 0                  # the most tokens one slot has held
         self.decode_seconds_total = 0.0
         self.rejected_total = 0
         self.cancelled_total = 0
@@ -427,6 +431,7 @@ class Engine:
         dt = time.perf_counter() - t0
         self.decode_steps_total += 1
         self.decode_seconds_total += dt
+        self.busy_slot_steps += len(busy)
         now = time.monotonic()
         self._recent.append((now, n_new))
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
@@ -472,6 +477,9 @@ class Engine:
             events.append((job, job.text_event(tail)))
         job.finish_reason = finish
         job.t_end = time.monotonic()
+        self.prompt_seconds_total += job.t_prompt_done - job.t_start
+        self.predicted_seconds_total += job.t_end - job.t_prompt_done
+        self.n_tokens_max = max(self.n_tokens_max, len(slot.tokens))
         events.append((job, ("end", finish)))
         self._release(slot)
         return counted
@@ -518,7 +526,8 @@ class Engine:
         try:
             for ids in job.inputs:
                 if len(ids) > ctx.n_ctx:
-                    raise APIError(400, f"an input has {len(ids)} tokens; embeddings take at most {ctx.n_ctx}",
+                    raise APIError(400, f"input ({len(ids)} tokens) is too large to process: embeddings take at most "
+                                   f"{ctx.n_ctx}",
                                    code="context_length_exceeded", param="input")
                 ctx.clear()
                 ctx.decode(ids)

@@ -278,6 +278,33 @@ class LlamaRoutes:
         metric("queue_length", "gauge", "Requests waiting for a slot.", [({}, e.queue_length)])
         metric("slots_busy", "gauge", "Slots decoding a request.", [({}, e.busy_slots)])
         metric("slots_total", "gauge", "Slots (parallel sequences).", [({}, e.parallel)])
+        # llama-server's own names, so its dashboards work unchanged
+        steps = max(e.decode_steps_total, 1)
+        for name, kind, help, value in (
+                ("prompt_tokens_total", "counter", "Number of prompt tokens processed.",
+                 e.prompt_tokens_total - e.prompt_tokens_cached_total),
+                ("prompt_tokens_cached_total", "counter", "Number of prompt tokens taken from the cache.",
+                 e.prompt_tokens_cached_total),
+                ("prompt_seconds_total", "counter", "Prompt process time.", round(e.prompt_seconds_total, 6)),
+                ("tokens_predicted_total", "counter", "Number of generation tokens processed.",
+                 e.completion_tokens_total),
+                ("tokens_predicted_seconds_total", "counter", "Predict process time.",
+                 round(e.predicted_seconds_total, 6)),
+                ("n_decode_total", "counter", "Total number of llama_decode() calls.", e.decode_steps_total),
+                ("n_tokens_max", "counter", "Largest observed n_tokens.", e.n_tokens_max),
+                ("spec_decode_num_draft_tokens_total", "counter", "Draft tokens (no speculative decoding here).", 0),
+                ("spec_decode_num_accepted_tokens_total", "counter", "Accepted draft tokens.", 0),
+                ("spec_decode_num_drafts_total", "counter", "Drafts.", 0),
+                ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.",
+                 round((e.prompt_tokens_total - e.prompt_tokens_cached_total) / e.prompt_seconds_total, 3)
+                 if e.prompt_seconds_total else 0),
+                ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s.",
+                 round(e.completion_tokens_total / e.predicted_seconds_total, 3) if e.predicted_seconds_total else 0),
+                ("requests_processing", "gauge", "Number of requests processing.", e.busy_slots),
+                ("requests_deferred", "gauge", "Number of requests deferred.", e.queue_length),
+                ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call.",
+                 round(e.busy_slot_steps / steps, 3))):
+            lines += [f"# HELP llamacpp:{name} {help}", f"# TYPE llamacpp:{name} {kind}", f"llamacpp:{name} {value}"]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 def _post_sampling(entry):

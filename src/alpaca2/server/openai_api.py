@@ -51,7 +51,9 @@ class OpenAIRoutes:
         """Starlette routes: /v1/..., and /chat/completions and /models without /v1 (as llama-server)."""
         from starlette.routing import Route
         routes = [Route("/v1/completions", self.completions, methods=["POST"]),    # /completions: native
-                  Route("/v1/embeddings", self.embeddings, methods=["POST"])]
+                  Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                  Route("/embeddings", self.native_embeddings, methods=["POST"]),
+                  Route("/embedding", self.native_embeddings, methods=["POST"])]
         for prefix in ("/v1", ""):
             routes += [
                 Route(prefix + "/chat/completions", self.chat_completions, methods=["POST"]),
@@ -222,31 +224,25 @@ class OpenAIRoutes:
                                usage=self._usage(jobs), timings=jobs[0].timings))
 
     # -- other endpoints -------------------------------------------------------------------------
-    async def embeddings(self, request):
-        body = await read_json(request, self.max_body, self.body_timeout)
-        self._check_model(body)
-        inp = body.get("input")
+    async def _embed(self, body, key="input"):
+        """The request's inputs embedded: (token lists, unit-length vectors)."""
+        if self.engine.pooling == "none":
+            raise bad("Pooling type 'none' is not OAI compatible. Please use a different pooling type", key)
+        inp = body.get(key)
         if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
             inp = [inp]
         if not isinstance(inp, list) or not inp or len(inp) > 2048:
-            raise bad("'input' must be a string, a list of strings, or token ids (1 to 2048 inputs)", "input")
-        fmt = body.get("encoding_format") or "float"
-        if fmt not in ("float", "base64"):
-            raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
-        if body.get("dimensions") is not None:
-            raise bad("'dimensions' is not supported", "dimensions")
+            raise bad(f"'{key}' must be a string, a list of strings, or token ids (1 to 2048 inputs)", key)
         inputs = []
         for x in inp:
             if isinstance(x, str):
                 ids = self.model.tokenize(x, add_bos=True, special=False)
             elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
-                if not all(0 <= t < self.model.n_vocab for t in x):
-                    raise bad("a token id in 'input' is out of range", "input")
-                ids = list(x)
+                ids = self.check_tokens(x, key)
             else:
-                raise bad("each input must be a non-empty string or list of token ids", "input")
+                raise bad("each input must be a non-empty string or list of token ids", key)
             if not ids:
-                raise bad("an input is empty", "input")
+                raise bad("an input is empty", key)
             inputs.append(ids)
         job = EmbedJob(inputs, asyncio.get_running_loop())
         self.engine.submit(job)
@@ -256,14 +252,32 @@ class OpenAIRoutes:
             job.cancel()
         if ev[0] == "error":
             raise APIError(ev[1], ev[2], type="server_error" if ev[1] >= 500 else "invalid_request_error")
+        return inputs, ev[1]
+
+    async def embeddings(self, request):
+        body = await read_json(request, self.max_body, self.body_timeout)
+        self._check_model(body)
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+        if body.get("dimensions") is not None:
+            raise bad("'dimensions' is not supported", "dimensions")
+        inputs, vectors = await self._embed(body)
         data = []
-        for i, vec in enumerate(ev[1]):
+        for i, vec in enumerate(vectors):
             emb = (base64.b64encode(vec.astype("<f4").tobytes()).decode() if fmt == "base64"
                    else [float(x) for x in vec])
             data.append({"object": "embedding", "index": i, "embedding": emb})
         n = sum(len(x) for x in inputs)
         return self._json({"object": "list", "data": data, "model": self.model_id,
                            "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    async def native_embeddings(self, request):
+        """llama-server's /embedding(s): [{"index", "embedding": [vector]}] (pooled, unit length)."""
+        body = await read_json(request, self.max_body, self.body_timeout)
+        key = "content" if "content" in body else "input"
+        _, vectors = await self._embed(body, key)
+        return self._json([{"index": i, "embedding": [[float(x) for x in vec]]} for i, vec in enumerate(vectors)])
 
     def _model_card(self):
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "alpaca2",

@@ -326,3 +326,19 @@ def test_anthropic_messages(server, vocab):
     img = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}
     r = post(server, "/v1/messages", dict(body, messages=[{"role": "user", "content": [img]}]))
     assert r.status_code == 500 and "image input is not supported" in r.json()["error"]["message"]
+
+
+def test_input_tokens_verbose_and_timings_per_token(server, vocab):
+    messages = chat("What is the best book")
+    n = post(server, "/chat/completions/input_tokens", {"messages": messages}).json()["input_tokens"]
+    d = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 2, "verbose": True}).json()
+    assert d["usage"]["prompt_tokens"] == n and "What is the best book" in d["__verbose"]["prompt"]
+    assert "__verbose" not in post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 2}).json()
+    body = {"messages": messages, "max_tokens": 5, "stream": True, "timings_per_token": True,
+            "stream_options": {"include_usage": True}, "logit_bias": NO_EOS}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        chunks = [httpx.Response(200, content=line[5:]).json() for line in r.iter_lines()
+                  if line.startswith("data:") and "[DONE]" not in line]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None} and "timings" not in chunks[0]
+    assert all("timings" in c for c in chunks[1:])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["timings"]["predicted_n"] == 5

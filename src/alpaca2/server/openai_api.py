@@ -56,6 +56,7 @@ class OpenAIRoutes:
                   Route("/embedding", self.native_embeddings, methods=["POST"])]
         for prefix in ("/v1", ""):
             routes += [
+                Route(prefix + "/chat/completions/input_tokens", self.chat_input_tokens, methods=["POST"]),
                 Route(prefix + "/chat/completions", self.chat_completions, methods=["POST"]),
                 Route(prefix + "/models", self.models, methods=["GET"]),
                 Route(prefix + "/models/{model_id:path}", self.model_info, methods=["GET"]),
@@ -148,7 +149,17 @@ class OpenAIRoutes:
         stream, include_usage = self._stream_flags(body)
         jobs = self.jobs_for(body, tokens, self.template.strip_leading_space, n=n,
                              n_probs=self._logprobs_n(body, chat=True))
-        return await self._answer(request, jobs, stream, include_usage, chat=True)
+        return await self._answer(request, body, jobs, stream, include_usage, chat=True)
+
+    async def chat_input_tokens(self, request):
+        """llama-server's /chat/completions/input_tokens: how many tokens the prompt would take."""
+        body = await read_json(request, self.max_body, self.body_timeout)
+        messages = self.messages_of(body)
+        try:
+            tokens = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
+        except (ValueError, RuntimeError, Alpaca2Error) as e:
+            raise bad(f"cannot format these messages: {e}", "messages") from None
+        return self._json({"input_tokens": len(tokens)})
 
     async def completions(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)
@@ -159,7 +170,7 @@ class OpenAIRoutes:
         n = self._n_choices(body)
         stream, include_usage = self._stream_flags(body)
         jobs = self.jobs_for(body, tokens, False, n=n, n_probs=self._logprobs_n(body, chat=False))
-        return await self._answer(request, jobs, stream, include_usage, chat=False)
+        return await self._answer(request, body, jobs, stream, include_usage, chat=False)
 
     def _usage(self, jobs):
         usage = dict(jobs[0].usage)
@@ -167,25 +178,29 @@ class OpenAIRoutes:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return usage
 
-    async def _answer(self, request, jobs, stream, include_usage, chat):
+    async def _answer(self, request, body, jobs, stream, include_usage, chat):
         self.submit(jobs)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": self.model_id, "system_fingerprint": self.system_fingerprint}
         want_probs = jobs[0].n_probs > 0
+        per_token_timings = bool(body.get("timings_per_token"))
         if stream:
             from starlette.responses import StreamingResponse
 
             def chunk(index, text=None, finish=None, role=False, probs=None):
                 if chat:
-                    delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                    delta = {"role": "assistant", "content": None} if role else ({"content": text} if text else {})
                     lp = chat_logprobs(probs) if want_probs and probs else None
                     choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 else:
                     lp = legacy_logprobs(probs) if want_probs and probs else None
                     choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
-                return sse(dict(head, choices=[choice]))
+                d = dict(head, choices=[choice])
+                if per_token_timings and not role:
+                    d["timings"] = jobs[0].timings
+                return sse(d)
 
             async def events():
                 if chat:
@@ -201,7 +216,7 @@ class OpenAIRoutes:
                         yield sse(self.error_of(ev).body())
                         return
                 if include_usage:
-                    yield sse(dict(head, choices=[], usage=self._usage(jobs)))
+                    yield sse(dict(head, choices=[], usage=self._usage(jobs), timings=jobs[0].timings))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream",
@@ -220,8 +235,11 @@ class OpenAIRoutes:
             else:
                 lp = legacy_logprobs(r["probs"]) if want_probs else None
                 choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish"]})
-        return self._json(dict(head, object="chat.completion" if chat else "text_completion", choices=choices,
-                               usage=self._usage(jobs), timings=jobs[0].timings))
+        out = dict(head, object="chat.completion" if chat else "text_completion", choices=choices,
+                   usage=self._usage(jobs), timings=jobs[0].timings)
+        if body.get("verbose") is True:       # llama-server's debug field: the prompt as the model saw it
+            out["__verbose"] = {"prompt": self.model.detokenize(jobs[0].tokens, special=True)}
+        return self._json(out)
 
     # -- other endpoints -------------------------------------------------------------------------
     async def _embed(self, body, key="input"):

@@ -20,7 +20,7 @@ downloaded, so this script:
 Random weights mean the tests that check generated text for words of the stories models
 ("(Ben|lumber)+") fail for both servers alike; the comparison is what matters.
 Left out, as in the issue: vision, MCP, router/proxy, LoRA, built-in server tools.
-Needs: pip install requests wget filelock pytest-timeout openai (the suite's requirements).
+Needs: pip install requests wget filelock pytest-timeout pytest-xdist openai (the suite's requirements).
 """
 from __future__ import annotations
 
@@ -80,6 +80,17 @@ def start(self, *args, **kwargs):
 
 
 utils.ServerProcess.start = start
+
+_init = utils.ServerProcess.__init__
+
+
+def __init__(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    # the suite's ports are 8080 + 10 * xdist worker: moved to a range of our own
+    self.server_port = int(os.environ["SUITE_PORT_BASE"]) + (self.server_port - 8080) % 1000
+
+
+utils.ServerProcess.__init__ = __init__
 utils.ServerPreset.load_all = staticmethod(lambda: None)   # nothing to download
 '''
 
@@ -160,13 +171,15 @@ def llama_server_bin() -> str:
     raise SystemExit("llama-server not found: build with ALPACA2_BUILD_TOOLS=1 or set LLAMA_SERVER")
 
 
-def run(name: str, binary: str, tests: Path, port: int, timeout: int, extra: list) -> Path:
+def run(name: str, binary: str, tests: Path, port: int, timeout: int, extra: list, jobs: int = 1) -> Path:
     xml = WORK / f"{name}.xml"
-    env = dict(os.environ, LLAMA_SERVER_BIN_PATH=binary, PORT=str(port), PYTHONPATH=str(tests),
+    env = dict(os.environ, LLAMA_SERVER_BIN_PATH=binary, SUITE_PORT_BASE=str(port), PYTHONPATH=str(tests),
                LLAMA_CACHE=str(WORK / "cache"))
     cmd = ["nice", "-n", "5", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "alpaca2_presets",
            f"--timeout={timeout}", f"--junitxml={xml}", "-m", "not slow", "unit"]
     cmd += [f"--ignore=unit/{f}" for f in LEFT_OUT] + extra
+    if jobs > 1:          # the suite gives each xdist worker its own port (8080 + 10 * worker)
+        cmd += ["-n", str(jobs)]
     t0 = time.monotonic()
     with open(WORK / f"{name}.log", "w") as log:
         subprocess.run(cmd, cwd=tests, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -223,6 +236,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=["alpaca2", "llama-server"], default=None)
     p.add_argument("--timeout", type=int, default=60, help="seconds per test (default 60)")
+    p.add_argument("-j", "--jobs", type=int, default=2, help="pytest-xdist workers (default 2; 1: none)")
     p.add_argument("--reuse", action="store_true", help="report from the last runs' XML files, run nothing")
     p.add_argument("--port", type=int, default=18180, help="first port of the range the suite uses")
     p.add_argument("--output", default=str(RESULTS))
@@ -237,7 +251,7 @@ def main(argv=None) -> int:
         tests = prepare(make_models(WORK / "models"))
         for i, name in enumerate(servers):
             binary = llama_server_bin() if name == "llama-server" else alpaca2_bin()
-            run(name, binary, tests, args.port + 100 * i, args.timeout, args.pytest_args)
+            run(name, binary, tests, args.port + 100 * i, args.timeout, args.pytest_args, args.jobs)
     for name in ("llama-server", "alpaca2"):
         xml = WORK / f"{name}.xml"
         if xml.exists():

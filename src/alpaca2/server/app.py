@@ -211,7 +211,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
     ``args``: the namespace of alpaca2.server.args' parser; ``model_kwargs``: more Model(...)
     arguments (mmap, RPC servers, tensor split)."""
     import uvicorn
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_keys:
+    hosts = [h.strip() for h in args.host.split(",") if h.strip()]       # llama-server: several, comma-separated
+    if any(h not in ("127.0.0.1", "localhost", "::1") for h in hosts) and not args.api_keys:
         print(f"alpaca2: WARNING: serving on {args.host} without --api-key: anyone who reaches this port "
               "can use the model", file=sys.stderr)
     model = Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **(model_kwargs or {}))
@@ -238,7 +239,7 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      cors_origins=args.cors_origins, metrics=args.metrics, slots=args.slots, props=args.props,
                      slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout,
                      aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()])
-        socks = [_listen_socket(h.strip(), args.port) for h in args.host.split(",") if h.strip()]
+        socks = [_listen_socket(h, args.port) for h in hosts]
         host, port = socks[0].getsockname()[:2]
         quiet_accept_errors()
         max_conn, backlog = limits_for(args.max_connections)

@@ -210,6 +210,7 @@ class Generation:
                       strip_leading_space=strip_leading_space, ignore_eos=ignore_eos, loop=loop,
                       n_probs=n_probs, banned=banned, accept_prompt=not constrained, id_slot=id_slot)
             job.index, job.seed = i, seed
+            job.n_room = self.engine.n_ctx_slot - len(tokens)      # the answer ends at the slot's end
             jobs.append(job)
         if n > 1:
             shared = jobs[0].events

@@ -40,6 +40,7 @@ class LlamaRoutes:
             Route("/props", self.props, methods=["GET"]),
             Route("/props", self.set_props, methods=["POST"]),
             Route("/slots", self.slots, methods=["GET"]),
+            Route("/slots/{id_slot}", self.slot_action, methods=["POST"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/apply-template", self.apply_template, methods=["POST"]),
@@ -105,6 +106,15 @@ class LlamaRoutes:
             out.append(d)
         return self._json(out)
 
+    async def slot_action(self, request):
+        """llama-server's /slots/{id}?action=save|restore|erase: not here yet (501), said plainly."""
+        if not self.slots_enabled:
+            raise not_supported("This server does not support slots endpoint. Start it with `--slots`")
+        action = request.query_params.get("action")
+        if action not in ("save", "restore", "erase"):
+            raise bad("'action' must be save, restore or erase", "action")
+        raise not_supported(f"slot {action} is not supported by alpaca2 serve yet")
+
     async def tokenize(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)
         content = body.get("content")
@@ -151,7 +161,8 @@ class LlamaRoutes:
             d["completion_probabilities"] = [_post_sampling(p) if post_sampling else p for p in probs]
         if final:
             d.update({"generation_settings": self.generation_settings(job), "prompt": "",
-                      "has_new_line": "\n" in "".join(job.text_seen), "truncated": False,
+                      "has_new_line": "\n" in "".join(job.text_seen),
+                      "truncated": job.stop_type == "limit" and job.completion_tokens >= job.n_room,
                       "stop_type": job.stop_type, "stopping_word": job.stopping_word,
                       "tokens_cached": job.cached_tokens + job.completion_tokens, "timings": job.timings})
         return d

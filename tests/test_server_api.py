@@ -342,3 +342,17 @@ def test_input_tokens_verbose_and_timings_per_token(server, vocab):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None} and "timings" not in chunks[0]
     assert all("timings" in c for c in chunks[1:])
     assert chunks[-1]["choices"] == [] and chunks[-1]["timings"]["predicted_n"] == 5
+
+
+def test_completion_with_several_prompts(server, vocab):
+    text = "Once upon a time"
+    ids = vocab.tokenize(text, add_bos=True)
+    base = {"n_predict": 6, "temperature": 0, "logit_bias": NO_EOS}
+    one = post(server, "/completion", dict(base, prompt=ids)).json()
+    many = post(server, "/completion", dict(base, prompt=[ids, text, {"prompt_string": text}])).json()
+    assert isinstance(many, list) and [m["index"] for m in many] == [0, 1, 2]
+    assert all(m["content"] == one["content"] for m in many)
+    mixed = post(server, "/completion", dict(base, prompt=[1, 5, 6, "text", 7])).json()
+    assert mixed["tokens_evaluated"] == 4 + len(vocab.tokenize("text", add_bos=False))
+    r = post(server, "/completion", dict(base, prompt={"prompt_string": "x <__media__>", "multimodal_data": "AA=="}))
+    assert r.status_code == 400

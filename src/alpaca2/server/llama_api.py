@@ -211,30 +211,52 @@ class LlamaRoutes:
                 tokens += [ids["sep"]] + tok("filename\n")
         tokens += [ids["pre"]] + tok(texts["input_prefix"]) + [ids["suf"]] + tok(texts["input_suffix"])
         tokens += [ids["mid"]] + tok(texts["prompt"])
-        return await self._complete(request, body, tokens)
+        return await self._complete(request, body, [tokens])
 
     async def completion(self, request):
-        """llama-server's /completion: content, tokens, stop_type, timings ... (streamed as SSE)."""
+        """llama-server's /completion: content, tokens, stop_type, timings ... (streamed as SSE).
+        Several prompts in one request ([tokens, "text", {"prompt_string": ...}]) answer as a list."""
         body = await read_json(request, self.max_body, self.body_timeout)
-        tokens = await self.tokens_of(body.get("prompt"))
-        return await self._complete(request, body, tokens)
+        prompts = await self._prompts_of(body.get("prompt"))
+        return await self._complete(request, body, prompts, many=len(prompts) > 1 or None)
 
-    async def _complete(self, request, body, tokens):
+    async def _prompts_of(self, prompt):
+        """llama-server's prompt forms: one (text, token ids, a mix in one list, {"prompt_string"}),
+        or several (a list of those, when the list holds no bare token id)."""
+        def one(p):
+            if isinstance(p, dict):
+                if p.get("multimodal_data"):
+                    raise bad("this server has no multimodal (image/audio) support", "prompt")
+                p = p.get("prompt_string")
+                if not isinstance(p, str):
+                    raise bad("a JSON prompt needs a 'prompt_string'", "prompt")
+            return p
+        if isinstance(prompt, list) and len(prompt) > 1 and not any(
+                isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [await self.tokens_of(one(p)) for p in prompt]
+        return [await self.tokens_of(one(prompt))]
+
+    async def _complete(self, request, body, prompts, many=None):
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad("'stream' must be true or false", "stream")
         n_probs = number(body, "n_probs", 0, 100, integer=True) or 0
         return_tokens = bool(body.get("return_tokens", False))
         post = bool(body.get("post_sampling_probs", False))
-        jobs = self.jobs_for(body, tokens, False, n_probs=n_probs)
-        job = jobs[0]
-        job.text_seen = []
+        jobs = []
+        for i, tokens in enumerate(prompts):
+            job = self.jobs_for(body, tokens, False, n_probs=n_probs)[0]
+            job.index, job.text_seen = i, []
+            if jobs:
+                job.events = jobs[0].events        # one queue: events come tagged with the index
+            jobs.append(job)
         self.submit(jobs)
         if stream:
             from starlette.responses import StreamingResponse
 
             async def events():
-                async for _, ev in self.events_of(jobs):
+                async for index, ev in self.events_of(jobs):
+                    job = jobs[index]
                     if ev[0] == "text":
                         job.text_seen.append(ev[1])
                         if ev[1] or ev[2]:
@@ -251,9 +273,11 @@ class LlamaRoutes:
         if results is None:
             from starlette.responses import Response
             return Response(status_code=499)
-        r = results[0]
-        job.text_seen = [r["text"]]
-        return self._json(self._native(job, r["text"], r["probs"], r["tokens"], True, return_tokens, post))
+        out = []
+        for job, r in zip(jobs, results):
+            job.text_seen = [r["text"]]
+            out.append(self._native(job, r["text"], r["probs"], r["tokens"], True, return_tokens, post))
+        return self._json(out if many else out[0])
 
     async def metrics(self, request):
         from starlette.responses import Response

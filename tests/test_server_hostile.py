@@ -115,3 +115,13 @@ def test_descriptor_exhaustion_is_refused_quietly(tiny_path):
         s.stop()
     log = "".join(s.lines)
     assert "Traceback" not in log and "out of file descriptors" not in log and len(log) < 10_000, log[:3000]
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    from alpaca2.server.validation import MAX_DEPTH, json_depth
+    assert json_depth(b'{"a": "' + b"[" * 1000 + b'"}') <= 1
+    assert json_depth(b'{"a": "\\"[[[[' + b"{" * 500 + b'"}') <= 1        # an escaped quote stays inside
+    deep = b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1)
+    assert json_depth(deep) == MAX_DEPTH + 1
+    wide = b"[" + b",".join([b"[1]"] * 1000) + b"]"
+    assert json_depth(wide) == 2

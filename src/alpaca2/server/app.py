@@ -216,12 +216,19 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
         print(f"alpaca2: WARNING: serving on {args.host} without --api-key: anyone who reaches this port "
               "can use the model", file=sys.stderr)
     model = Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **(model_kwargs or {}))
+    draft = None
     try:
+        if args.model_draft:
+            draft = Model(args.model_draft, n_gpu_layers=args.n_gpu_layers_draft, verbose=args.verbose)
         engine = Engine(model, n_ctx=args.ctx_size, parallel=args.parallel, n_batch=args.batch_size,
                         n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                         queue_size=args.queue, type_k=args.cache_type_k, type_v=args.cache_type_v,
-                        flash_attn=args.flash_attn, pooling=args.pooling)
+                        flash_attn=args.flash_attn, pooling=args.pooling, draft_model=draft, lookup=args.lookup,
+                        n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
+                        draft_p_min=args.draft_p_min)
     except BaseException:
+        if draft is not None:
+            draft.close()
         model.close()
         raise
     try:
@@ -256,6 +263,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
         print("alpaca2: server stopped", file=sys.stderr, flush=True)
     finally:
         engine.stop()
+        if draft is not None:
+            draft.close()
         model.close()
     return EXIT_OK
 

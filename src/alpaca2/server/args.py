@@ -155,6 +155,19 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     c.add_argument("--swa-full", action="store_true", help="accepted: the SWA cache is always full size")
     c.add_argument("--no-warmup", action="store_true", help="accepted (a one-token warm-up decode always runs)")
 
+    d = p.add_argument_group("speculative decoding (with -np 1)")
+    d.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", default=None,
+                   help="draft model (same vocabulary): drafts tokens the model verifies in one decode")
+    d.add_argument("--lookup", action="store_true", help="draft by n-gram lookup in the prompt and answer")
+    d.add_argument("--draft-max", "--draft", "--draft-n", "--spec-draft-n-max", dest="draft_max",
+                   type=_int_in(1, 256), default=16, help="most drafted tokens per step (default 16)")
+    d.add_argument("--draft-min", "--draft-n-min", "--spec-draft-n-min", dest="draft_min", type=_int_in(0, 256),
+                   default=1, help="fewest drafted tokens per step (default 1)")
+    d.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=_float_in(0, 1), default=0.75,
+                   help="a draft stops at a token less likely than this (default 0.75)")
+    d.add_argument("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", dest="n_gpu_layers_draft",
+                   type=_gpu_layers, default=-1, help="draft model layers on the GPU (default: all)")
+
     t = p.add_argument_group("chat template")
     t.add_argument("--jinja", action="store_true", help="accepted: the model's own template is used when it has one")
     t.add_argument("--no-jinja", action="store_true", help="accepted")

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from alpaca2._core import Batch, Context, Model
+from alpaca2._core import Batch, Context, Model, Speculator
 from alpaca2.errors import Alpaca2Error
 from alpaca2.server.validation import APIError
 from alpaca2.streaming import TextStream
@@ -50,6 +50,9 @@ class Job:
         self.accept_prompt = accept_prompt      # the prompt enters the sampler's history (penalties)
         self.id_slot = id_slot          # -1: any slot
         self.slot_id = -1               # the slot it runs in
+        self.speculate = False          # may go through the engine's Speculator (set by the API layer)
+        self.draft_sampler = None       # the draft model's chain (sampling, not greedy, with -md)
+        self.spec_started = False
         self.generated: list[int] = []
         self._toks: list[int] = []       # sampled since the last text event
         self._probs: list[dict] = []
@@ -131,7 +134,8 @@ class Engine:
 
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
-                 pooling=None):
+                 pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
+                 draft_p_min=0.75):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:
@@ -145,6 +149,26 @@ class Engine:
                            n_threads=n_threads, n_threads_batch=n_threads_batch, n_seq_max=parallel,
                            kv_unified=True, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
         self.pooling = pooling
+        self.spec = None                # speculative decoding (one slot): a draft model or n-gram lookup
+        self.draft_ctx = None
+        if draft_model is not None or lookup:
+            if parallel != 1:
+                self.ctx.close()
+                raise ValueError("speculative decoding (-md / --lookup) needs -np 1 here")
+            try:
+                if draft_model is not None:
+                    self.draft_ctx = Context(draft_model, n_ctx=self.ctx.n_ctx, n_batch=n_batch,
+                                             n_ubatch=min(n_batch, n_ubatch), n_threads=n_threads,
+                                             n_threads_batch=n_threads_batch, type_k=type_k, type_v=type_v)
+                self.spec = Speculator(self.ctx, self.draft_ctx, lookup=lookup and draft_model is None,
+                                       n_draft=n_draft, n_draft_min=n_draft_min, p_min=draft_p_min)
+            except BaseException:
+                if self.draft_ctx is not None:
+                    self.draft_ctx.close()
+                self.ctx.close()
+                raise
+        self.spec_steps_total = 0
+        self.spec_tokens_total = 0
         self.n_ctx_slot = self.ctx.n_ctx // parallel
         if self.n_ctx_slot < 8:
             self.ctx.close()
@@ -256,6 +280,8 @@ class Engine:
             self._post([(job, ("error", 503, "the server shut down before this request finished"))])
         if not self._thread.is_alive():
             self.ctx.close()
+            if self.draft_ctx is not None:
+                self.draft_ctx.close()
         if self._emb_ctx is not None and (self._emb_thread is None or not self._emb_thread.is_alive()):
             self._emb_ctx.close()
 
@@ -381,6 +407,11 @@ class Engine:
             if s.job is not None and s.job.cancelled:
                 self.cancelled_total += 1
                 self._release(s)
+        if self.spec is not None:
+            s = self.slots[0]
+            if s.job is not None and s.pending is not None and s.job.speculate:
+                self._speculate(s)
+                return
         batch.clear()
         room = self.ctx.n_batch
         plan = []                      # (slot, batch index) whose logits are sampled after the decode
@@ -436,6 +467,39 @@ class Engine:
         self._recent.append((now, n_new))
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
+        self._post(events)
+
+    def _speculate(self, slot):
+        """One draft-and-verify round for the only slot: its pending token and the drafts are decoded
+        together; every accepted token is handled as a sampled one."""
+        job = slot.job
+        events = []
+        t0 = time.perf_counter()
+        try:
+            if not job.spec_started:
+                self.spec.begin(slot.tokens + [slot.pending], job.sampler, job.draft_sampler)
+                job.spec_started = True
+            new = self.spec.step(max(1, job.max_tokens - job.completion_tokens))
+        except (Alpaca2Error, ValueError, RuntimeError) as e:
+            events.append((job, ("error", 500, f"speculative decoding failed: {e}")))
+            self._forget(slot)
+            self._release(slot)
+            self._post(events)
+            return
+        slot.tokens += [slot.pending] + list(new[:-1])      # the cache holds all but the last new token
+        slot.pending = None
+        n_new = 0
+        for tok in new:
+            n_new += self._take(slot, tok, -1, events)
+            if slot.job is None:             # ended (EOG, stop string, length): the rest is dropped
+                break
+        self.spec_steps_total += 1
+        self.spec_tokens_total += len(new)
+        self.decode_steps_total += 1
+        self.decode_seconds_total += time.perf_counter() - t0
+        self.busy_slot_steps += 1
+        now = time.monotonic()
+        self._recent.append((now, n_new))
         self._post(events)
 
     def _take(self, slot, tok, out, events) -> int:

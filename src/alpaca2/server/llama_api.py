@@ -315,6 +315,7 @@ class LlamaRoutes:
         metric("slots_total", "gauge", "Slots (parallel sequences).", [({}, e.parallel)])
         # llama-server's own names, so its dashboards work unchanged
         steps = max(e.decode_steps_total, 1)
+        spec = e.spec.stats if e.spec is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
         for name, kind, help, value in (
                 ("prompt_tokens_total", "counter", "Number of prompt tokens processed.",
                  e.prompt_tokens_total - e.prompt_tokens_cached_total),
@@ -327,9 +328,10 @@ class LlamaRoutes:
                  round(e.predicted_seconds_total, 6)),
                 ("n_decode_total", "counter", "Total number of llama_decode() calls.", e.decode_steps_total),
                 ("n_tokens_max", "counter", "Largest observed n_tokens.", e.n_tokens_max),
-                ("spec_decode_num_draft_tokens_total", "counter", "Draft tokens (no speculative decoding here).", 0),
-                ("spec_decode_num_accepted_tokens_total", "counter", "Accepted draft tokens.", 0),
-                ("spec_decode_num_drafts_total", "counter", "Drafts.", 0),
+                ("spec_decode_num_draft_tokens_total", "counter", "Drafted tokens (speculative decoding).",
+                 spec["n_drafted"]),
+                ("spec_decode_num_accepted_tokens_total", "counter", "Accepted drafted tokens.", spec["n_accepted"]),
+                ("spec_decode_num_drafts_total", "counter", "Draft-and-verify steps.", spec["n_steps"]),
                 ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.",
                  round((e.prompt_tokens_total - e.prompt_tokens_cached_total) / e.prompt_seconds_total, 3)
                  if e.prompt_seconds_total else 0),

@@ -16,6 +16,7 @@ from alpaca2._core import (
     backends, check_draft_compatible, chat_apply_template, chat_builtin_templates, default_threads, devices,
     llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload, supports_rpc,
 )
+from alpaca2._common import ChatFormatter, ChatParseError, ChatStream, ChatTemplateError, json_schema_to_grammar
 from alpaca2.chat import ChatSession, Llama
 from alpaca2.sampling import DEFAULT_SAMPLING
 from alpaca2.streaming import TextStream
@@ -101,6 +102,7 @@ __all__ = [
     "get_lib_dir", "get_pxd_dir", "backends", "devices", "set_log_level", "chat_apply_template",
     "chat_builtin_templates", "default_threads", "print_system_info", "supports_gpu_offload", "supports_rpc",
     "llama_cpp_version", "LLAMA_CPP_COMMIT", "__version__",
+    "ChatFormatter", "ChatStream", "ChatTemplateError", "ChatParseError", "json_schema_to_grammar",
     "Alpaca2Error", "ClosedError", "ContextFullError", "DecodeAborted", "DecodeError", "GrammarError",
     "ModelLoadError", "RPCServerError", "SamplerError", "StateError", "TokenizeError",
 ]

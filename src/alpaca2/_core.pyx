@@ -40,6 +40,11 @@ cdef extern from "llama.h" nogil:
     void sampler_accept_cpp "llama_sampler_accept"(llama_sampler * smpl, llama_token token) except +
     void sampler_apply_cpp "llama_sampler_apply"(llama_sampler * smpl, llama_token_data_array * cur_p) except +
     llama_token sampler_sample_cpp "llama_sampler_sample"(llama_sampler * smpl, llama_context * ctx, int32_t idx) except +
+    # a trigger pattern is compiled as a std::regex: a bad one throws
+    llama_sampler * sampler_init_grammar_lazy_cpp "llama_sampler_init_grammar_lazy_patterns"(
+        const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+        const char ** trigger_patterns, size_t num_trigger_patterns,
+        const llama_token * trigger_tokens, size_t num_trigger_tokens) except +
 
 cdef extern from "_sigint.h" nogil:
     int alpaca2_sigint_install()
@@ -1441,7 +1446,8 @@ cdef class SamplerChain:
     Primitives: greedy, dist(seed), top_k(k), top_p(p), min_p(p), typical(p), temp(t),
     temp_ext(t, delta, exponent), xtc(p, t, seed), top_n_sigma(n),
     penalties(last_n, repeat, freq, present), mirostat_v2(tau, eta, seed); with a model:
-    logit_bias(model, {token: bias}), grammar(model, gbnf, root), mirostat(model, tau, eta, seed).
+    logit_bias(model, {token: bias}), grammar(model, gbnf, root), mirostat(model, tau, eta, seed),
+    grammar_lazy(model, gbnf, patterns=[regex, ...], tokens=[id, ...]) (starts at a trigger).
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -1576,6 +1582,44 @@ def _sampler_error(e):
                         "(are the logits longer than the model's vocabulary?)")
 
 
+cdef llama_sampler * _make_grammar_lazy(tuple args, dict kw) except NULL:
+    # grammar_lazy(model, gbnf, patterns=[regex...], tokens=[id...], root="root"): free text until a
+    # trigger (a pattern matching the output so far, or a token), then the grammar (tool calls:
+    # ChatFormatter.apply()'s grammar, lazy_patterns and lazy_tokens)
+    cdef Model model = args[0]
+    model._check()
+    gbnf = _to_bytes(args[1] if len(args) > 1 else kw["grammar"])
+    root = _to_bytes(kw.get("root", "root"))
+    patterns = [_to_bytes(p) for p in kw.get("patterns", ())]
+    tokens = [int(t) for t in kw.get("tokens", ())]
+    if not patterns and not tokens:
+        raise ValueError("a lazy grammar needs trigger patterns or trigger tokens")
+    for t in tokens:
+        model._check_token(t)
+    cdef const char ** c_patterns = <const char **>malloc(max(len(patterns), 1) * sizeof(char *))
+    cdef llama_token * c_tokens = <llama_token *>malloc(max(len(tokens), 1) * sizeof(llama_token))
+    cdef llama_sampler * s = NULL
+    cdef Py_ssize_t i
+    try:
+        if c_patterns == NULL or c_tokens == NULL:
+            raise MemoryError()
+        for i in range(len(patterns)):
+            c_patterns[i] = <bytes>patterns[i]
+        for i in range(len(tokens)):
+            c_tokens[i] = tokens[i]
+        try:
+            s = sampler_init_grammar_lazy_cpp(model.vocab, gbnf, root, c_patterns, len(patterns),
+                                              c_tokens, len(tokens))
+        except Exception as e:
+            raise GrammarError(f"the lazy grammar's trigger patterns could not be compiled: {e}") from None
+    finally:
+        free(c_patterns)
+        free(c_tokens)
+    if s == NULL:
+        raise GrammarError("the GBNF grammar could not be parsed (Model(..., verbose=True) shows where)")
+    return s
+
+
 cdef uint32_t _seed(seed) except? 0xFFFFFFFF:
     if seed is None:
         return LLAMA_DEFAULT_SEED
@@ -1661,6 +1705,8 @@ cdef llama_sampler * _make_primitive(str kind, tuple args, dict kw) except NULL:
         s = llama_sampler_init_grammar(model.vocab, gbnf, root)
         if s == NULL:
             raise GrammarError("the GBNF grammar could not be parsed (Model(..., verbose=True) shows where)")
+    elif kind == "grammar_lazy":
+        s = _make_grammar_lazy(args, kw)
     else:
         raise ValueError(f"unknown sampler primitive {kind!r}")
     if s == NULL:

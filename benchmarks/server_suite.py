@@ -136,9 +136,9 @@ def make_models(out: Path) -> dict:
     }
 
 
-def prepare(models: dict) -> Path:
-    """A fresh copy of the suite with the plugin; returns its directory."""
-    dst = WORK / "tests"
+def prepare(models: dict, name: str) -> Path:
+    """A fresh copy of the suite with the plugin, one per server (runs may overlap); returns it."""
+    dst = WORK / f"tests-{name}"
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(SUITE, dst, ignore=shutil.ignore_patterns("tmp", "__pycache__", ".pytest_cache"))
@@ -248,10 +248,10 @@ def main(argv=None) -> int:
         servers = {args.only: None}
     results = {}
     if not args.reuse:
-        tests = prepare(make_models(WORK / "models"))
+        models = make_models(WORK / "models")
         for i, name in enumerate(servers):
             binary = llama_server_bin() if name == "llama-server" else alpaca2_bin()
-            run(name, binary, tests, args.port + 100 * i, args.timeout, args.pytest_args, args.jobs)
+            run(name, binary, prepare(models, name), args.port + 100 * i, args.timeout, args.pytest_args, args.jobs)
     for name in ("llama-server", "alpaca2"):
         xml = WORK / f"{name}.xml"
         if xml.exists():

@@ -99,6 +99,8 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
         status = [0]
         t0 = time.monotonic()
         cors = self._cors_headers(scope)
+        if path == "/metrics":        # as llama-server: when the process started
+            cors = cors + [(b"Process-Start-Time-Unix", str(self.created).encode())]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -132,10 +134,11 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
                 break
         if origin is None or not self._origin_allowed(origin):
             return []
-        return [(b"access-control-allow-origin", origin.encode("latin-1")),
-                (b"access-control-allow-credentials", b"true"),
-                (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-                (b"access-control-allow-headers", b"*")]
+        # spelled as llama-server sends them (h11 keeps the case; some clients compare it)
+        return [(b"Access-Control-Allow-Origin", origin.encode("latin-1")),
+                (b"Access-Control-Allow-Credentials", b"true"),
+                (b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS"),
+                (b"Access-Control-Allow-Headers", b"*")]
 
     def _origin_allowed(self, origin: str) -> bool:
         for allowed in self.cors_origins:

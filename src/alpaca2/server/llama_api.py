@@ -67,7 +67,11 @@ class LlamaRoutes:
                "adaptive_target": -1.0, "adaptive_decay": 0.9,
                "n_predict": job.max_tokens if job is not None else (self.n_predict if self.n_predict else -1),
                "n_probs": job.n_probs if job is not None else 0, "stop": list(job.stop) if job is not None else [],
-               "ignore_eos": job.ignore_eos if job is not None else False, "stream": False}
+               "ignore_eos": job.ignore_eos if job is not None else False, "stream": False,
+               "logit_bias": []}
+        if job is not None and job.ignore_eos:     # llama-server shows ignore_eos as EOG tokens banned
+            eog = dict.fromkeys((self.model.eos, self.model.eot))
+            out["logit_bias"] = [{"token": t, "bias": None} for t in eog if t >= 0]
         return out
 
     async def props(self, request):

@@ -97,6 +97,14 @@ def start_server(model, parallel, n_ctx, threads):
 
 
 async def one_request(client, url, prompt, n):
+    """One streamed request; a pooled keep-alive connection the server closed meanwhile is retried once."""
+    try:
+        return await _one_request(client, url, prompt, n)
+    except httpx.RemoteProtocolError:
+        return await _one_request(client, url, prompt, n)
+
+
+async def _one_request(client, url, prompt, n):
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()

@@ -94,6 +94,7 @@ def _note_gpu_fallback():
 
 
 _note_gpu_fallback()
+__import__("alpaca2._gpu_hint").warn_if_gpu_unused(_build_info.CUDA)   # CPU build, GPU present: say how to rebuild
 
 __all__ = [
     "Llama", "ChatSession", "Alpaca2Template", "ModelTemplate", "CompletionTemplate", "choose_template",

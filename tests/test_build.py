@@ -1,6 +1,7 @@
 """The build: installed as a wheel, the vendored llama.cpp pin, introspection, C and Cython users."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -76,6 +77,49 @@ def test_a_wrong_llama_cpp_dir_is_a_clear_configure_error(tmp_path):
     assert r.returncode != 0
     msg = " ".join(r.stderr.split())          # CMake wraps long messages
     assert "is not a llama.cpp tree" in msg and "ALPACA2_LLAMA_CPP_DIR" in msg
+
+
+def _tree_of_another_commit(tmp_path, git):
+    """A llama.cpp-shaped tree: a git checkout of its own commit, or (no git) an edited llama.h."""
+    tree = tmp_path / "llama.cpp"
+    for rel in ("include/llama.h", "ggml/include/ggml-backend.h"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes((LLAMA_CPP_DIR / rel).read_bytes())
+    (tree / "CMakeLists.txt").write_text("project(not_llama_cpp)\n")
+    if git:
+        run = dict(cwd=tree, check=True, capture_output=True)
+        subprocess.run(["git", "init", "-q"], **run)
+        subprocess.run(["git", "add", "-A"], **run)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "other"], **run)
+    else:
+        with open(tree / "include" / "llama.h", "a") as f:
+            f.write("// a newer llama.h\n")
+    return tree
+
+
+@pytest.mark.skipif(not (ROOT / "CMakeLists.txt").exists(), reason="needs the source tree")
+@pytest.mark.parametrize("git", [True, False], ids=["git-checkout", "plain-tree"])
+def test_a_llama_cpp_dir_of_another_commit_names_the_expected_one(tmp_path, git):
+    if git and shutil.which("git") is None:
+        pytest.skip("no git")
+    tree = _tree_of_another_commit(tmp_path, git)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALPACA2_")}
+    env["ALPACA2_LLAMA_CPP_DIR"] = str(tree)
+    r = subprocess.run([_cmake_exe(), "-S", str(ROOT), "-B", str(tmp_path / "build")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    msg = " ".join(r.stderr.split())
+    assert r.returncode != 0
+    assert "is not llama.cpp commit 0c1e57098" in msg or ("is llama.cpp commit" in msg and "against commit 0c1e57098" in msg)
+    assert "ALPACA2_LLAMA_CPP_ANY_COMMIT=1" in msg
+    if git:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        assert head in msg and f"git -C {tree} checkout 0c1e57098" in msg
+    # the override: the commit check is passed over (whatever the incomplete tree does next)
+    env["ALPACA2_LLAMA_CPP_ANY_COMMIT"] = "1"
+    r = subprocess.run([_cmake_exe(), "-S", str(ROOT), "-B", str(tmp_path / "build2")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    msg = " ".join(r.stderr.split())
+    assert "is llama.cpp commit" not in msg and "is not llama.cpp commit" not in msg
 
 
 def test_system_info_reports_the_cpu_backend():
@@ -170,3 +214,86 @@ def test_a_cython_extension_cimports_alpaca2_core(tmp_path, tiny_path):
     assert r.returncode == 0, r.stderr
     from_c, from_python = json.loads(r.stdout)
     assert from_c == from_python and from_c[2] > 0
+
+
+# --- the CUDA default: decided by cmake/alpaca2_cuda.cmake, run here with fake nvidia-smi / nvcc ---
+CUDA_DECISION = ROOT / "cmake" / "alpaca2_cuda.cmake"
+SMI_OK = "#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-1234)'\n"
+SMI_NO_DRIVER = ("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+                 "driver.\"\nexit 9\n")
+
+
+def _cmake_exe():
+    r = subprocess.run([sys.executable, "-c", "import cmake; print(cmake.CMAKE_BIN_DIR)"], capture_output=True, text=True)
+    return os.path.join(r.stdout.strip(), "cmake") if r.returncode == 0 else "cmake"
+
+
+def _decide_cuda(tmp_path, smi=None, nvcc=False, **env):
+    """GGML_CUDA and the reason printed, on a PATH holding only the fakes asked for."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, script in (("nvidia-smi", smi), ("nvcc", "#!/bin/sh\necho 'release 13.0'\n" if nvcc else None)):
+        if script:
+            (bin_dir / name).write_text(script)
+            (bin_dir / name).chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPACA2_", "CUDA"))}
+    full_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", CUDA_HOME=str(tmp_path / "no-toolkit"), CMAKE_ARGS="")
+    full_env.update(env)
+    r = subprocess.run([_cmake_exe(), "-P", str(CUDA_DECISION)], capture_output=True, text=True, env=full_env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    fields = dict(line.split("=", 1) for line in r.stderr.splitlines() if "=" in line)
+    return fields["GGML_CUDA"], fields["reason"]
+
+
+@pytest.mark.skipif(not CUDA_DECISION.exists(), reason="needs the source tree")
+def test_cuda_is_built_by_default_where_a_gpu_and_nvcc_are_found(tmp_path):
+    on, why = _decide_cuda(tmp_path, smi=SMI_OK, nvcc=True)
+    assert on == "ON" and "NVIDIA H200" in why and str(tmp_path / "bin" / "nvcc") in why and "ALPACA2_CUDA=0" in why
+
+
+@pytest.mark.skipif(not CUDA_DECISION.exists(), reason="needs the source tree")
+def test_cpu_only_without_a_gpu_or_without_nvcc(tmp_path):
+    on, why = _decide_cuda(tmp_path, smi=None, nvcc=True)
+    assert on == "OFF" and "no GPU visible" in why and "ALPACA2_CUDA=1" in why
+    (tmp_path / "x").mkdir()
+    on, why = _decide_cuda(tmp_path / "x", smi=SMI_NO_DRIVER, nvcc=True)
+    assert on == "OFF" and "no GPU visible" in why
+    (tmp_path / "y").mkdir()
+    on, why = _decide_cuda(tmp_path / "y", smi=SMI_OK, nvcc=False)
+    assert on == "OFF" and "no CUDA compiler" in why and "CUDA_HOME" in why
+    # nvcc in the toolkit's home (CUDA_HOME) though not on PATH counts
+    home = tmp_path / "toolkit" / "bin"
+    home.mkdir(parents=True)
+    (home / "nvcc").write_text("#!/bin/sh\n")
+    (home / "nvcc").chmod(0o755)
+    on, why = _decide_cuda(tmp_path / "y", smi=SMI_OK, CUDA_HOME=str(tmp_path / "toolkit"))
+    assert on == "ON" and str(home / "nvcc") in why
+
+
+@pytest.mark.skipif(not CUDA_DECISION.exists(), reason="needs the source tree")
+def test_alpaca2_cuda_and_cmake_args_force_either_way(tmp_path):
+    assert _decide_cuda(tmp_path, smi=SMI_OK, nvcc=True, ALPACA2_CUDA="0") == ("OFF", "ALPACA2_CUDA=0")
+    assert _decide_cuda(tmp_path, ALPACA2_CUDA="1") == ("ON", "ALPACA2_CUDA=1")
+    assert _decide_cuda(tmp_path, CMAKE_ARGS="-DGGML_CUDA=on")[0] == "ON"
+    assert _decide_cuda(tmp_path, smi=SMI_OK, nvcc=True, CMAKE_ARGS="-DGGML_CUDA=OFF")[0] == "OFF"
+
+
+def test_a_cpu_build_on_a_gpu_machine_warns_once_how_to_rebuild(tmp_path, caplog, monkeypatch):
+    from alpaca2 import _gpu_hint
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    where = dict(proc_dir=str(gpus), dev=str(tmp_path / "nvidia0"))
+    monkeypatch.delenv("ALPACA2_NO_GPU_HINT", raising=False)
+    assert _gpu_hint.warn_if_gpu_unused(False, **where) is False          # no GPU: silent
+    (gpus / "0000:00:05.0").mkdir()
+    with caplog.at_level("WARNING", logger="alpaca2"):
+        assert _gpu_hint.warn_if_gpu_unused(True, **where) is False       # CUDA build: silent
+        assert _gpu_hint.warn_if_gpu_unused(False, **where) is True
+    [record] = caplog.records
+    assert "CPU only" in record.getMessage() and "ALPACA2_CUDA=1 pip install" in record.getMessage()
+    monkeypatch.setenv("ALPACA2_NO_GPU_HINT", "1")
+    assert _gpu_hint.warn_if_gpu_unused(False, **where) is False
+    # this machine, as the import saw it
+    assert _gpu_hint.gpu_visible() == (os.path.exists("/dev/nvidia0") or bool(
+        os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus")))

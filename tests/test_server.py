@@ -6,11 +6,7 @@ generous deadlines for things that must happen eventually.
 """
 import concurrent.futures
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
@@ -23,73 +19,12 @@ pytest.importorskip("uvicorn")
 import alpaca2  # noqa: E402
 from conftest import run_python  # noqa: E402
 
-START_TIMEOUT = 120
-EOS = 2                        # the tiny models' </s>: banned with logit_bias where answers must be long
-NO_EOS = {str(EOS): -100}
-
-
-class ServerProcess:
-    """`python -m alpaca2 serve ... --port 0` in a subprocess; url once it listens."""
-
-    def __init__(self, model_path, *args):
-        cmd = [sys.executable, "-m", "alpaca2", "serve", "-m", str(model_path), "--port", "0", "-t", "1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines = []
-        self.url = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT) or self.url is None:
-            self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=10).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("the server never answered /health:\n" + "".join(self.lines))
-            time.sleep(0.1)
-
-    def _pump(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = re.search(r"serving .* on (http://\S+)/v1 ", line)
-            if m:
-                self.url = m.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    def client(self, **kw):
-        kw.setdefault("api_key", "none")
-        kw.setdefault("timeout", 120)
-        kw.setdefault("max_retries", 0)
-        return openai.OpenAI(base_url=self.url + "/v1", **kw)
-
-    def metrics(self, **headers):
-        text = httpx.get(self.url + "/metrics", headers=headers, timeout=30).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+from server_process import NO_EOS, ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tiny_path):
-    s = ServerProcess(tiny_path, "-np", "4", "-c", "4096", "--template", "alpaca2", "--queue", "64")
+    s = ServerProcess(tiny_path, "-np", "4", "-c", "4096", "--template", "alpaca2", "--queue", "64", "--metrics")
     yield s
     s.stop()
 
@@ -244,7 +179,9 @@ def test_bad_json_and_bad_fields(server):
     assert r.status_code == 400
     for body in ({"messages": []}, {"messages": [{"role": "tool", "content": "x"}]},
                  {"messages": chat_messages("hi"), "temperature": "hot"},
-                 {"messages": chat_messages("hi"), "n": 2},
+                 {"messages": chat_messages("hi"), "n": 17},
+                 {"messages": chat_messages("hi") + [{"role": "assistant", "content": "a"},
+                                                     {"role": "assistant", "content": "b"}]},
                  {"messages": chat_messages("hi"), "max_tokens": 0},
                  {"messages": chat_messages("hi"), "stop": [1]},
                  {"messages": chat_messages("hi"), "logit_bias": {"99999": 1}}):
@@ -255,10 +192,11 @@ def test_bad_json_and_bad_fields(server):
     assert r.status_code == 404 and error_of(r)
 
 
-def test_unknown_model(client):
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-4o", messages=chat_messages("hi"), max_tokens=4)
-    assert e.value.status_code == 404 and e.value.code == "model_not_found"
+def test_any_model_name_means_the_served_model(client, mid):
+    """As llama-server: clients configured for "gpt-4o" get the one model this server has."""
+    for name in ("gpt-4o", "gpt-3.5-turbo", mid):
+        r = client.chat.completions.create(model=name, messages=chat_messages("hi"), max_tokens=4, temperature=0)
+        assert r.model == mid and r.choices[0].message.role == "assistant"
 
 
 def test_limits_give_400(server, client, tiny_path, mid):
@@ -274,7 +212,7 @@ def test_limits_give_400(server, client, tiny_path, mid):
 
 
 def test_api_key(tiny_path, mid):
-    s = ServerProcess(tiny_path, "-np", "1", "-c", "512", "--api-key", "sekrit")
+    s = ServerProcess(tiny_path, "-np", "1", "-c", "512", "--api-key", "sekrit", "--metrics")
     try:
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
@@ -288,6 +226,11 @@ def test_api_key(tiny_path, mid):
         assert r.usage.prompt_tokens > 0
         assert "alpaca2_requests_total" in httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer sekrit"},
                                                      timeout=30).text
+        assert httpx.get(s.url + "/v1/models", headers={"x-api-key": "sekrit"}, timeout=30).status_code == 200
+        assert httpx.get(s.url + "/v1/models", headers={"x-api-key": "sekri"}, timeout=30).status_code == 401
+        r = httpx.options(s.url + "/v1/chat/completions", timeout=30,     # a CORS preflight needs no key
+                          headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
     finally:
         s.stop()
 
@@ -336,7 +279,7 @@ def test_eight_streaming_clients_match_lone_answers(server, client, tiny_path, m
 
 
 def test_full_queue_gives_503_and_a_disconnect_frees_the_slot(tiny_path, mid):
-    s = ServerProcess(tiny_path, "-np", "1", "--queue", "1", "-c", "65536")
+    s = ServerProcess(tiny_path, "-np", "1", "--queue", "1", "-c", "65536", "--metrics")
     try:
         body = {"prompt": "hello", "max_tokens": 60_000, "temperature": 0, "logit_bias": NO_EOS, "stream": True}
         with httpx.Client(timeout=120) as a, httpx.Client(timeout=120) as b:

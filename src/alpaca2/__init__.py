@@ -96,6 +96,8 @@ def _note_gpu_fallback():
 
 
 _note_gpu_fallback()
+from alpaca2 import _gpu_hint  # noqa: E402
+_gpu_hint.warn_if_gpu_unused(_build_info.CUDA)   # a CPU build on a machine with a GPU: say how to rebuild
 
 __all__ = [
     "Llama", "ChatSession", "Alpaca2Template", "ModelTemplate", "CompletionTemplate", "choose_template",

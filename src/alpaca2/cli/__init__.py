@@ -7,7 +7,7 @@
     alpaca2 tokenize -m MODEL TEXT                 token ids and pieces
     alpaca2 bench -m MODEL [-o json]               tokens/sec, llama-bench's tests and keys
     alpaca2 rpc-server [--host H] [--port P]       serve layers to other machines (llama.cpp's RPC)
-    alpaca2 serve -m MODEL [--port 8000]           OpenAI-compatible HTTP server (alpaca2.server)
+    alpaca2 serve -m MODEL [--port 8080]           OpenAI-compatible HTTP server (alpaca2.server)
 
 Flags have llama-cli's names and meanings (-c, -n, -t, -b, -ub, -fa, -ctk, -ctv, -r, -f,
 --rope-*, --yarn-*, --grammar, --lora ...).  Sampling defaults are chat.sh's: -c 4096 --temp 0.5
@@ -45,18 +45,8 @@ def build_parser() -> Parser:
 
 def _serve(argv) -> int:
     """``alpaca2 serve ARGS``: alpaca2.server parses ARGS (llama-server's flags) and runs."""
-    from alpaca2 import server
-    if hasattr(server, "main"):
-        return server.main(argv)
-    # the single-module server of before alpaca2.server.main: its flags on our parser
-    from alpaca2.cli import args as A
-    p = Parser(prog="alpaca2 serve", description="Serve /v1/chat/completions, /v1/completions, "
-               "/v1/embeddings, /v1/models, /health and /metrics (pip install 'alpaca2-llama[server]').")
-    A.add_model_args(p)
-    server.add_arguments(p)
-    A.add_rpc_args(p)
-    args = p.parse_args(argv)
-    return _run(lambda a: server.serve(a, A.model_path(a)), args)
+    from alpaca2 import server     # imported here: the server needs its extra (Starlette, uvicorn)
+    return server.main(argv)
 
 
 def main(argv=None) -> int:

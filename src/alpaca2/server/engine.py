@@ -1,0 +1,614 @@
+"""The scheduler and the decode thread: slots in one unified KV cache, one batch per step.
+
+One background thread owns the Context (``--parallel N`` sequences in one unified KV cache) and
+runs the decode loop; asyncio handlers hand it jobs and read text back through queues.  Each step
+builds one Batch from all busy slots (one token for each generating request, prompt chunks for new
+ones, up to n_batch tokens), calls llama_decode once (the GIL is released meanwhile), and samples
+each slot's token with that slot's own sampler.  A slot keeps its tokens in the KV cache after its
+request ends; a new request takes the free slot whose tokens share the longest prefix with its
+prompt and decodes only the rest.  A cancelled job frees its slot at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+
+import numpy as np
+
+from alpaca2._core import Batch, Context, Model, Speculator
+from alpaca2.errors import Alpaca2Error
+from alpaca2.server.validation import APIError
+from alpaca2.streaming import TextStream
+
+RATE_WINDOW_S = 10.0           # tokens/sec in /metrics: the last 10 seconds
+PROMPT_CHUNK_WHILE_GENERATING = 128   # prompt tokens per step while other slots generate
+
+
+class Job:
+    """One generation request as the decode thread sees it; events go back to the asyncio side."""
+
+    def __init__(self, tokens, *, max_tokens, sampler, stop, strip_leading_space, ignore_eos, loop,
+                 n_probs=0, banned=(), accept_prompt=True, id_slot=-1):
+        self.tokens = tokens
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.stop = stop
+        self.strip_leading_space = strip_leading_space
+        self.ignore_eos = ignore_eos
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False          # set by the handler (client gone); read by the decode thread
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.finish_reason = None
+        self.stop_type = "none"          # llama-server's: eos, word, limit
+        self.stopping_word = ""
+        self.n_probs = n_probs          # > 0: each token's logprob and the n_probs most likely
+        self.banned = frozenset(banned)  # logit_bias -inf: never emitted, even if sampled
+        self.accept_prompt = accept_prompt      # the prompt enters the sampler's history (penalties)
+        self.id_slot = id_slot          # -1: any slot
+        self.slot_id = -1               # the slot it runs in
+        self.speculate = False          # may go through the engine's Speculator (set by the API layer)
+        self.draft_sampler = None       # the draft model's chain (sampling, not greedy, with -md)
+        self.spec_started = False
+        self.generated: list[int] = []
+        self._toks: list[int] = []       # sampled since the last text event
+        self._probs: list[dict] = []
+        self.index = 0                  # the choice (n > 1 share one events queue)
+        self.seed = None
+        self.t_submit = time.monotonic()
+        self.t_start = self.t_prompt_done = self.t_end = None
+
+    def cancel(self):
+        self.cancelled = True
+
+    @property
+    def usage(self) -> dict:
+        n_p, n_c = len(self.tokens), self.completion_tokens
+        return {"prompt_tokens": n_p, "completion_tokens": n_c, "total_tokens": n_p + n_c,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    @property
+    def timings(self) -> dict:
+        """llama-server's timings: prompt (the uncached part) and generation, in ms."""
+        now = time.monotonic()
+        t0 = self.t_start or now
+        t1 = self.t_prompt_done or now
+        t2 = self.t_end or now
+        prompt_n, predicted_n = len(self.tokens) - self.cached_tokens, self.completion_tokens
+        prompt_ms, predicted_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        return {"cache_n": self.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+                "prompt_per_second": prompt_n / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
+                "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+                "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+                "predicted_per_second": predicted_n / predicted_ms * 1e3 if predicted_ms > 0 else 0.0}
+
+    def text_event(self, text) -> tuple:
+        """("text", text, token ids, their logprobs) with the tokens sampled since the last one."""
+        ev = ("text", text, self._toks, self._probs)
+        self._toks, self._probs = [], []
+        return ev
+
+
+class EmbedJob:
+    """Token lists to embed (on the decode thread, between steps, in a context of their own)."""
+
+    def __init__(self, inputs, loop):
+        self.inputs = inputs
+        self.index = 0
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Slot:
+    """One KV-cache sequence: what it holds (tokens), and the request decoding into it."""
+
+    def __init__(self, seq_id):
+        self.seq_id = seq_id
+        self.tokens: list[int] = []      # exactly what the KV cache holds for this sequence
+        self.job: Job | None = None
+        self.prompt_pos = 0              # next prompt token to decode
+        self.pending: int | None = None  # sampled, not yet decoded
+        self.stream: TextStream | None = None
+        self.last_used = 0
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Owns the Context and the decode thread; schedules jobs onto slots, one batch per step."""
+
+    def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
+                 n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
+                 pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
+                 draft_p_min=0.75):
+        if parallel < 1:
+            raise ValueError("--parallel must be at least 1")
+        if n_batch < parallel:
+            raise ValueError("--batch-size must be at least --parallel (one token per slot per step)")
+        if queue_size < 0:
+            raise ValueError("--queue must be 0 or more")
+        self.model = model
+        self.parallel = parallel
+        self.queue_size = queue_size
+        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, n_ubatch),
+                           n_threads=n_threads, n_threads_batch=n_threads_batch, n_seq_max=parallel,
+                           kv_unified=True, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
+        self.pooling = pooling
+        self.spec = None                # speculative decoding (one slot): a draft model or n-gram lookup
+        self.draft_ctx = None
+        if draft_model is not None or lookup:
+            if parallel != 1:
+                self.ctx.close()
+                raise ValueError("speculative decoding (-md / --lookup) needs -np 1 here")
+            try:
+                if draft_model is not None:
+                    self.draft_ctx = Context(draft_model, n_ctx=self.ctx.n_ctx, n_batch=n_batch,
+                                             n_ubatch=min(n_batch, n_ubatch), n_threads=n_threads,
+                                             n_threads_batch=n_threads_batch, type_k=type_k, type_v=type_v)
+                self.spec = Speculator(self.ctx, self.draft_ctx, lookup=lookup and draft_model is None,
+                                       n_draft=n_draft, n_draft_min=n_draft_min, p_min=draft_p_min)
+            except BaseException:
+                if self.draft_ctx is not None:
+                    self.draft_ctx.close()
+                self.ctx.close()
+                raise
+        self.spec_steps_total = 0
+        self.spec_tokens_total = 0
+        self.n_ctx_slot = self.ctx.n_ctx // parallel
+        if self.n_ctx_slot < 8:
+            self.ctx.close()
+            raise ValueError(f"n_ctx={self.ctx.n_ctx} over {parallel} slots leaves {self.n_ctx_slot} tokens "
+                             "per request; use a larger -c or a smaller --parallel")
+        self.n_threads = n_threads
+        self.slots = [Slot(i) for i in range(parallel)]
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._embed_jobs: collections.deque[EmbedJob] = collections.deque()
+        self._busy = 0
+        self._stopping = False
+        self._draining = False          # shutting down: no new jobs
+        self._cancel_all = False        # shutting down: end every job now
+        self._use_counter = 0
+        self._emb_ctx = None
+        self._emb_thread = None
+        self._emb_error: str | None = None
+        # metrics (written by the decode thread; read by /metrics)
+        self.prompt_tokens_total = 0
+        self.prompt_tokens_cached_total = 0
+        self.completion_tokens_total = 0
+        self.embedding_tokens_total = 0
+        self.decode_steps_total = 0
+        self.prompt_seconds_total = 0.0        # llama-server's: prompt and generation time of ended jobs
+        self.predicted_seconds_total = 0.0
+        self.busy_slot_steps = 0               # busy slots summed over decode steps
+        self.n_tokens_max = 0                  # the most tokens one slot has held
+        self.decode_seconds_total = 0.0
+        self.rejected_total = 0
+        self.cancelled_total = 0
+        self._recent = collections.deque()       # (time, completion tokens) per step
+        self._warm_up()
+        self._thread = threading.Thread(target=self._run, name="alpaca2-decode", daemon=True)
+        self._thread.start()
+
+    def _warm_up(self):
+        """Tokenize and decode a few tokens (then forget them), before the server listens: a model
+        that fails here never reports healthy (llama-server warms up the same way)."""
+        try:
+            ids = self.model.tokenize("Hello", add_bos=True, special=False)[:8] or [max(self.model.bos, 0)]
+            self.ctx.decode(ids, seq_id=0)
+            self.ctx.seq_rm(0, 0, -1)
+        except BaseException:
+            self.ctx.close()
+            raise
+
+    # -- called from the event loop ------------------------------------------------------------
+    def submit(self, job) -> bool:
+        """Queue a job; False when every slot is busy and the queue is full."""
+        with self._cond:
+            if self._stopping or self._draining:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if isinstance(job, EmbedJob):
+                self._embed_jobs.append(job)
+                if self._emb_thread is None:         # embeddings run on a thread of their own
+                    self._emb_thread = threading.Thread(target=self._run_embeddings, name="alpaca2-embed",
+                                                        daemon=True)
+                    self._emb_thread.start()
+            else:
+                if len(self._waiting) + self._busy >= self.parallel + self.queue_size:
+                    self.rejected_total += 1
+                    return False
+                self._waiting.append(job)
+            self._cond.notify_all()
+        return True
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy_slots(self) -> int:
+        return self._busy
+
+    @property
+    def alive(self) -> bool:
+        """Whether the decode thread runs (and takes jobs)."""
+        return self._thread.is_alive() and not self._draining
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        recent = list(self._recent)
+        n = sum(k for t, k in recent if now - t <= RATE_WINDOW_S)
+        return n / RATE_WINDOW_S
+
+    def drain(self):
+        """Refuse new jobs (503); running and queued ones go on."""
+        with self._cond:
+            self._draining = True
+
+    def cancel_all(self):
+        """End every running and queued job at the next step, with a 503 error event."""
+        with self._cond:
+            self._draining = True
+            self._cancel_all = True
+            self._cond.notify_all()
+
+    def stop(self, timeout=30.0):
+        """Stop the decode thread: unfinished jobs end with an error event; the contexts close."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._emb_thread is not None:
+            self._emb_thread.join(timeout)
+        jobs = [s.job for s in self.slots if s.job is not None] + list(self._waiting) + list(self._embed_jobs)
+        for job in jobs:
+            self._post([(job, ("error", 503, "the server shut down before this request finished"))])
+        if not self._thread.is_alive():
+            self.ctx.close()
+            if self.draft_ctx is not None:
+                self.draft_ctx.close()
+        if self._emb_ctx is not None and (self._emb_thread is None or not self._emb_thread.is_alive()):
+            self._emb_ctx.close()
+
+    # -- the decode thread ---------------------------------------------------------------------
+    @staticmethod
+    def _post(items):
+        """Hand (job, event) pairs to their event loops, one callback per loop."""
+        by_loop = {}
+        for job, ev in items:
+            by_loop.setdefault(job.loop, []).append((job, ev))
+        for loop, evs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, evs)
+            except RuntimeError:        # the loop is closed: nobody is listening any more
+                pass
+
+    def _run(self):
+        batch = Batch(self.ctx.n_batch, 1)
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._busy or self._cancel_all):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                if self._cancel_all:
+                    self._cancel_all = False
+                    gone = list(self._waiting) + list(self._embed_jobs)
+                    self._waiting.clear()
+                    self._embed_jobs.clear()
+                    gone += [s.job for s in self.slots if s.job is not None]
+                    for job in gone:
+                        job.cancel()
+                    self._post([(job, ("error", 503, "the server is shutting down; this request was cut short"))
+                                for job in gone])
+                if self._waiting:
+                    n = len(self._waiting)
+                    self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
+                    self.cancelled_total += n - len(self._waiting)
+                free = [s for s in self.slots if s.job is None]
+                assigned = []
+                later = collections.deque()        # jobs asking for a slot that is busy
+                while self._waiting and free:
+                    job = self._waiting.popleft()
+                    if job.id_slot >= 0:
+                        slot = next((s for s in free if s.seq_id == job.id_slot), None)
+                        if slot is None:
+                            later.append(job)
+                            continue
+                    else:
+                        slot = self._pick_slot(free, job.tokens)
+                    free.remove(slot)
+                    slot.job = job
+                    self._busy += 1
+                    assigned.append(slot)
+                self._waiting.extendleft(reversed(later))
+            try:
+                for slot in assigned:
+                    self._start(slot)
+                self._step(batch)
+            except Exception as e:          # a bug must not kill the thread silently: fail what is running
+                events = []
+                for s in self.slots:
+                    if s.job is not None:
+                        events.append((s.job, ("error", 500, f"internal error: {e!r}")))
+                        self._forget(s)
+                        self._release(s)
+                self._post(events)
+
+    def _run_embeddings(self):
+        """The embedding thread: its own context, so embeddings never hold up the decode steps."""
+        while True:
+            with self._cond:
+                while not (self._stopping or self._embed_jobs):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._embed_jobs.popleft()
+            self._embed(job)
+
+    def _pick_slot(self, free, tokens):
+        """The free slot sharing the longest prefix with tokens; else the least recently used."""
+        best = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
+        return best
+
+    def _start(self, slot):
+        job = slot.job
+        common = min(_common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
+        self.ctx.seq_rm(slot.seq_id, common, -1)
+        del slot.tokens[common:]
+        slot.prompt_pos = common
+        slot.pending = None
+        slot.stream = TextStream(job.stop, job.strip_leading_space)
+        job.cached_tokens = common
+        job.slot_id = slot.seq_id
+        job.t_start = time.monotonic()
+        if job.accept_prompt:        # as llama-server: repeat penalties see the prompt too
+            accept = job.sampler.accept
+            for t in job.tokens:
+                accept(t)
+        self.prompt_tokens_total += len(job.tokens)
+        self.prompt_tokens_cached_total += common
+
+    def _forget(self, slot):
+        """Drop a slot's KV cache (after a failed decode its contents are unknown)."""
+        try:
+            self.ctx.seq_rm(slot.seq_id, 0, -1)
+        except Exception:
+            pass
+        slot.tokens = []
+
+    def _release(self, slot):
+        slot.job = None
+        slot.pending = None
+        slot.stream = None
+        self._use_counter += 1
+        slot.last_used = self._use_counter
+        with self._cond:
+            self._busy -= 1
+
+    def _step(self, batch):
+        events = []
+        for s in self.slots:
+            if s.job is not None and s.job.cancelled:
+                self.cancelled_total += 1
+                self._release(s)
+        if self.spec is not None:
+            s = self.slots[0]
+            if s.job is not None and s.pending is not None and s.job.speculate:
+                self._speculate(s)
+                return
+        batch.clear()
+        room = self.ctx.n_batch
+        plan = []                      # (slot, batch index) whose logits are sampled after the decode
+        busy = [s for s in self.slots if s.job is not None]
+        for s in busy:                 # generating slots first: one token each
+            if s.pending is not None:
+                plan.append((s, batch.add(s.pending, len(s.tokens), s.seq_id, True)))
+                s.tokens.append(s.pending)
+                s.pending = None
+                room -= 1
+        if room < self.ctx.n_batch:    # others are generating: a long prompt goes in smaller pieces,
+            room = min(room, PROMPT_CHUNK_WHILE_GENERATING)        # so their next token is not held up
+        for s in sorted(busy, key=lambda s: s.job.t_submit):      # then prompts, oldest first
+            job = s.job
+            n = min(room, len(job.tokens) - s.prompt_pos)
+            if n <= 0 or s.prompt_pos >= len(job.tokens):
+                continue
+            for k in range(s.prompt_pos, s.prompt_pos + n):
+                last = k == len(job.tokens) - 1
+                idx = batch.add(job.tokens[k], k, s.seq_id, last)
+                if last:
+                    plan.append((s, idx))
+            s.tokens.extend(job.tokens[s.prompt_pos:s.prompt_pos + n])
+            s.prompt_pos += n
+            room -= n
+        if len(batch) == 0:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.ctx.decode_batch(batch)
+        except Alpaca2Error as e:
+            for s in busy:
+                events.append((s.job, ("error", 500, f"decode failed: {e}")))
+                self._forget(s)
+                self._release(s)
+            self._post(events)
+            return
+        n_new = 0
+        for out, (s, idx) in enumerate(plan):      # plan is in batch order: out is the output index
+            try:
+                tok = s.job.sampler.sample(self.ctx, idx)
+            except (Alpaca2Error, ValueError, RuntimeError) as e:     # this job's sampler (a grammar dead end)
+                events.append((s.job, ("error", 500, f"sampling failed: {e}")))
+                s.job.t_end = time.monotonic()
+                self._release(s)
+                continue
+            n_new += self._take(s, tok, out, events)
+        dt = time.perf_counter() - t0
+        self.decode_steps_total += 1
+        self.decode_seconds_total += dt
+        self.busy_slot_steps += len(busy)
+        now = time.monotonic()
+        self._recent.append((now, n_new))
+        while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
+            self._recent.popleft()
+        self._post(events)
+
+    def _speculate(self, slot):
+        """One draft-and-verify round for the only slot: its pending token and the drafts are decoded
+        together; every accepted token is handled as a sampled one."""
+        job = slot.job
+        events = []
+        t0 = time.perf_counter()
+        try:
+            if not job.spec_started:
+                self.spec.begin(slot.tokens + [slot.pending], job.sampler, job.draft_sampler)
+                job.spec_started = True
+            new = self.spec.step(max(1, job.max_tokens - job.completion_tokens))
+        except (Alpaca2Error, ValueError, RuntimeError) as e:
+            events.append((job, ("error", 500, f"speculative decoding failed: {e}")))
+            self._forget(slot)
+            self._release(slot)
+            self._post(events)
+            return
+        slot.tokens += [slot.pending] + list(new[:-1])      # the cache holds all but the last new token
+        slot.pending = None
+        n_new = 0
+        for tok in new:
+            n_new += self._take(slot, tok, -1, events)
+            if slot.job is None:             # ended (EOG, stop string, length): the rest is dropped
+                break
+        self.spec_steps_total += 1
+        self.spec_tokens_total += len(new)
+        self.decode_steps_total += 1
+        self.decode_seconds_total += time.perf_counter() - t0
+        self.busy_slot_steps += 1
+        now = time.monotonic()
+        self._recent.append((now, n_new))
+        self._post(events)
+
+    def _take(self, slot, tok, out, events) -> int:
+        """Handle a slot's sampled token; returns 1 when it counts as a completion token."""
+        job = slot.job
+        counted = 0
+        if job.t_prompt_done is None:
+            job.t_prompt_done = time.monotonic()
+        if not job.ignore_eos and self.model.token_is_eog(tok):
+            finish, job.stop_type = "stop", "eos"
+        elif tok in job.banned:         # only when logit_bias left nothing else to sample
+            finish, job.stop_type = "stop", "eos"
+        else:
+            counted = 1
+            job.completion_tokens += 1
+            job.generated.append(tok)
+            job._toks.append(tok)
+            if job.n_probs:
+                entry = self._logprobs(out, tok, job.n_probs)
+                if job.completion_tokens == 1 and job.strip_leading_space and entry["token"].startswith(" "):
+                    entry["token"] = entry["token"][1:]     # as the text: the template's space is not shown
+                job._probs.append(entry)
+            self.completion_tokens_total += 1
+            text = slot.stream.push(self.model.token_to_piece(tok))
+            if text:
+                events.append((job, job.text_event(text)))
+            if slot.stream.stopped:
+                finish, job.stop_type = "stop", "word"
+                gen = self.model.detokenize(job.generated)
+                found = [(gen.find(s), s) for s in job.stop if s and s in gen]
+                job.stopping_word = min(found)[1] if found else ""
+            elif job.completion_tokens >= job.max_tokens:
+                finish, job.stop_type = "length", "limit"
+            else:
+                slot.pending = tok
+                return counted
+        tail = slot.stream.finish()
+        if tail or job._toks:
+            events.append((job, job.text_event(tail)))
+        job.finish_reason = finish
+        job.t_end = time.monotonic()
+        self.prompt_seconds_total += job.t_prompt_done - job.t_start
+        self.predicted_seconds_total += job.t_end - job.t_prompt_done
+        self.n_tokens_max = max(self.n_tokens_max, len(slot.tokens))
+        events.append((job, ("end", finish)))
+        self._release(slot)
+        return counted
+
+    def _logprobs(self, out, tok, n) -> dict:
+        """The sampled token's log-probability and the n most likely (raw logits, as llama-server)."""
+        row = np.asarray(self.ctx.logits_at(out), dtype=np.float64)      # a copy: the view dies at the next decode
+        m = row.max()
+        logz = m + np.log(np.exp(row - m).sum())
+        top = np.argpartition(-row, min(n, row.size - 1))[:n]
+        top = top[np.argsort(-row[top], kind="stable")]
+
+        def entry(t):
+            piece = self.model.token_to_piece(int(t))
+            return {"id": int(t), "token": piece.decode("utf-8", "replace"), "bytes": list(piece),
+                    "logprob": float(row[t] - logz)}
+        out = entry(tok)
+        out["top_logprobs"] = [entry(t) for t in top]
+        return out
+
+    def embeddings_context(self):
+        """The context for /v1/embeddings, made on first use (decode thread only)."""
+        if self._emb_ctx is None and self._emb_error is None:
+            md = self.model.metadata
+            own_pooling = any(k.endswith(".pooling_type") for k in md)
+            # one input is one ubatch (pooling needs the whole sequence): keep the compute buffer small
+            n = min(self.n_ctx_slot, self.model.n_ctx_train or self.n_ctx_slot, 2048)
+            try:
+                self._emb_ctx = Context(self.model, n_ctx=n, n_batch=n, n_ubatch=n, n_threads=self.n_threads,
+                                        embeddings=True,
+                                        pooling=self.pooling or (None if own_pooling else "mean"))
+            except Exception as e:
+                self._emb_error = f"this model cannot make embeddings here: {e}"
+        return self._emb_ctx
+
+    def _embed(self, job):
+        if job.cancelled:
+            return
+        ctx = self.embeddings_context()
+        if ctx is None:
+            self._post([(job, ("error", 400, self._emb_error))])
+            return
+        out = []
+        try:
+            for ids in job.inputs:
+                if len(ids) > ctx.n_ctx:
+                    raise APIError(400, f"input ({len(ids)} tokens) is too large to process: embeddings take at most "
+                                   f"{ctx.n_ctx}",
+                                   code="context_length_exceeded", param="input")
+                ctx.clear()
+                ctx.decode(ids)
+                vec = np.array(ctx.embeddings, dtype=np.float32)
+                norm = float(np.linalg.norm(vec))
+                out.append(vec / norm if norm > 0 else vec)
+                self.embedding_tokens_total += len(ids)
+        except APIError as e:
+            self._post([(job, ("error", e.status, e.message))])
+            return
+        except Exception as e:
+            self._post([(job, ("error", 500, f"embedding failed: {e}"))])
+            return
+        self._post([(job, ("embeddings", out))])
+
+
+def _deliver(items):
+    for job, ev in items:
+        job.events.put_nowait((job.index, ev))
+

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny GGUF models made once per test session with alpaca2.testing."""
 import os
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -63,3 +64,25 @@ def run_python(code, timeout=120, **kwargs):
     """Run code in a fresh interpreter; returns CompletedProcess (for crash-prone cases)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+# The prelude of a crash reproducer: expect(exc, fn, ...) prints what fn raised, or that it raised nothing.
+CASE_PRELUDE = """
+import alpaca2, numpy as np
+def expect(exc, fn, *a, **k):
+    try:
+        fn(*a, **k)
+    except exc as e:
+        print("RAISED", type(e).__name__, "|", e)
+        return e
+    print("NO EXCEPTION from", getattr(fn, "__name__", fn), a, k)
+"""
+
+
+def run_case(code, timeout=120):
+    """Run a crash reproducer in a fresh interpreter: it must exit cleanly (no signal) and every
+    expect() in it must have seen its exception.  Returns its stdout."""
+    r = run_python(CASE_PRELUDE + textwrap.dedent(code), timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert "NO EXCEPTION" not in r.stdout, r.stdout
+    return r.stdout

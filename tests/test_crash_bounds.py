@@ -3,29 +3,9 @@
 Each reproducer (from the audit of issue 14) runs in a fresh interpreter and must end in a clear
 exception, never a signal, a hang or a silently wrong value.
 """
-import textwrap
-
 import pytest
 
-from conftest import run_python
-
-PRELUDE = """
-import alpaca2, numpy as np
-def expect(exc, fn, *a, **k):
-    try:
-        fn(*a, **k)
-    except exc as e:
-        print("RAISED", type(e).__name__, "|", e)
-        return e
-    print("NO EXCEPTION from", getattr(fn, "__name__", fn), a, k)
-"""
-
-
-def run_case(code, timeout=120):
-    r = run_python(PRELUDE + textwrap.dedent(code), timeout=timeout)
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    assert "NO EXCEPTION" not in r.stdout, r.stdout
-    return r.stdout
+from conftest import run_case
 
 
 def open_ctx(path, **kw):

@@ -3,32 +3,11 @@
 Each reproducer runs in a fresh interpreter (a regression would end it by a signal): the test
 asserts a clean exit and the exception (or the value) the case must give.
 """
-import textwrap
-
 import numpy as np
 import pytest
 
 import alpaca2
-from conftest import run_python
-
-PRELUDE = """
-import alpaca2, numpy as np
-def expect(exc, fn, *a, **k):
-    try:
-        fn(*a, **k)
-    except exc as e:
-        print("RAISED", type(e).__name__, "|", e)
-        return e
-    print("NO EXCEPTION from", getattr(fn, "__name__", fn))
-"""
-
-
-def run_case(code, timeout=120):
-    r = run_python(PRELUDE + textwrap.dedent(code), timeout=timeout)
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    assert "NO EXCEPTION" not in r.stdout, r.stdout
-    return r.stdout
-
+from conftest import run_case
 
 def test_logits_survive_close_of_their_context(tiny_path):
     out = run_case(f"""

@@ -6,7 +6,6 @@ asserts a clean exit and the exception (or the value) the case must give.
 import numpy as np
 import pytest
 
-import alpaca2
 from conftest import run_case
 
 def test_logits_survive_close_of_their_context(tiny_path):

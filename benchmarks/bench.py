@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import shlex
+import random
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,13 @@ def run_lcp(python, path, test, n, args, seed):
     return n / json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
+def bootstrap_median_ci(values, n_boot=2000, seed=0):
+    """A 95% percentile-bootstrap interval of the median of values."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n_boot))
+    return meds[int(0.025 * n_boot)], meds[int(0.975 * n_boot) - 1]
+
+
 def synthetic_models(spec, workdir):
     from alpaca2 import testing
     tok = os.environ.get("ALPACA2_TOKENIZER_MODEL") or os.path.join(HERE, "..", "..", "shared", "data",
@@ -202,9 +210,11 @@ def main(argv=None):
         for test, n in tests:
             samples = {"llama-bench": [], "alpaca2": [], "llama-cpp-python": []}
             for r in range(args.rounds):
-                if lb and test != "gen":
-                    samples["llama-bench"].append(run_llama_bench(lb, path, test, n, args))
-                samples["alpaca2"].append(run_alpaca2(path, test, n, args, r))
+                # ABBA order: a machine that speeds up or slows down over a run favours neither side
+                pair = [("llama-bench", lambda: run_llama_bench(lb, path, test, n, args)) if lb and test != "gen"
+                        else None, ("alpaca2", lambda: run_alpaca2(path, test, n, args, r))]
+                for name, fn in (pair if r % 2 == 0 else pair[::-1]) if pair[0] else pair[1:]:
+                    samples[name].append(fn())
                 if args.lcp_python:
                     samples["llama-cpp-python"].append(run_lcp(args.lcp_python, path, test, n, args, r))
                 print(f"{os.path.basename(path)} {test}{n} round {r + 1}: "
@@ -219,6 +229,11 @@ def main(argv=None):
                 nat = runners["llama-bench"]["median"]
                 row["alpaca2/llama-bench"] = a / nat
                 row["us_per_token_alpaca2_minus_native"] = (1 / a - 1 / nat) * 1e6
+                # paired: each round's ratio (the two ran back to back), its median and a bootstrap
+                # 95% interval of that median -- the figure that noise between rounds moves least
+                ratios = [x / y for x, y in zip(samples["alpaca2"], samples["llama-bench"])]
+                row["paired_ratio_median"] = statistics.median(ratios)
+                row["paired_ratio_ci95"] = bootstrap_median_ci(ratios)
             if "llama-cpp-python" in runners:
                 lcp = runners["llama-cpp-python"]["median"]
                 row["alpaca2/llama-cpp-python"] = a / lcp
@@ -240,9 +255,11 @@ def main(argv=None):
              f"- machine: {meta['machine']}", f"- date: {date}; {args.rounds} interleaved rounds, {args.threads} threads", "",
              "t/s: median (mean ± stddev) of the rounds; ratios and µs/token from the medians "
              "(µs/token: alpaca2's time per token minus native's, and llama-cpp-python's minus alpaca2's).", "",
+             "Paired: the median of the per-round ratios alpaca2 / llama-bench (the two run back to back, "
+             "in ABBA order) with a bootstrap 95% interval of that median.", "",
              "| model | test | llama-bench t/s | alpaca2 t/s | llama-cpp-python t/s | alpaca2 / llama-bench | "
-             "alpaca2 / llama-cpp-python | µs/token alpaca2 − native | µs/token lcp − alpaca2 |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "paired ratio [95% CI] | alpaca2 / llama-cpp-python | µs/token alpaca2 − native | µs/token lcp − alpaca2 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(r, k):
         v = r["runners"].get(k)
@@ -250,9 +267,14 @@ def main(argv=None):
 
     def num(r, k, fmt):
         return format(r[k], fmt) if k in r else "–"
+    def paired(r):
+        if "paired_ratio_median" not in r:
+            return "–"
+        lo, hi = r["paired_ratio_ci95"]
+        return f"{r['paired_ratio_median']:.3f} [{lo:.3f}, {hi:.3f}]"
     for r in rows:
         lines.append(f"| {r['model']} | {r['test']} | {cell(r, 'llama-bench')} | {cell(r, 'alpaca2')} | "
-                     f"{cell(r, 'llama-cpp-python')} | {num(r, 'alpaca2/llama-bench', '.3f')} | "
+                     f"{cell(r, 'llama-cpp-python')} | {num(r, 'alpaca2/llama-bench', '.3f')} | {paired(r)} | "
                      f"{num(r, 'alpaca2/llama-cpp-python', '.3f')} | "
                      f"{num(r, 'us_per_token_alpaca2_minus_native', '.1f')} | "
                      f"{num(r, 'us_per_token_lcp_minus_alpaca2', '.1f')} |")

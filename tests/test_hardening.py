@@ -379,7 +379,7 @@ def test_contexts_made_and_closed_from_many_threads_at_once(model):
 # -- resource limits and files -------------------------------------------------------------------
 
 def test_a_kv_cache_that_cannot_fit_is_refused_before_allocation(model):
-    from alpaca2._gguf_check import available_memory
+    from alpaca2._memory import available_memory
     avail = available_memory()
     if avail is None:
         pytest.skip("no /proc/meminfo here")

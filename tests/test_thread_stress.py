@@ -1,4 +1,4 @@
-"""Thread stress: several threads close, decode, sample, tokenize and save shared objects at once.
+"""Thread stress: several threads close, decode, sample, tokenize, save and fill batches at once.
 
 Runs in a fresh interpreter for a bounded time (a few seconds); every operation either works or
 raises one of alpaca2's exceptions (ClosedError and the like), and the process ends cleanly.
@@ -26,7 +26,7 @@ def fresh():
     c = alpaca2.Context(m, n_ctx=256, n_batch=32, n_threads=1)
     s = alpaca2.Sampler(temp=0.8, seed=1, repeat_penalty=1.1)
     g = alpaca2.SamplerChain().add("grammar", m, 'root ::= [a-z ]+').add("dist", seed=2)
-    shared.update(model=m, ctx=c, sampler=s, grammar=g)
+    shared.update(model=m, ctx=c, sampler=s, grammar=g, batch=alpaca2.Batch(16))
 
 
 def count(table, key):
@@ -66,6 +66,16 @@ def op_save_load():
 def op_n_past():
     shared["ctx"].n_past()
 
+def op_batch_add():
+    b = shared["batch"]
+    if len(b) >= 16 or rng.random() < 0.1:
+        b.clear()
+    p = shared["ctx"].n_past()
+    b.add(5 + rng.randrange(700), p + len(b) if rng.random() < 0.8 else rng.randrange(300), 0, logits=True)
+
+def op_decode_batch():
+    shared["ctx"].decode_batch(shared["batch"])
+
 def op_close_ctx():
     time.sleep(0.02)
     shared["ctx"].close()
@@ -84,7 +94,7 @@ def op_renew():
         fresh()
 
 WORK = [op_tokenize, op_decode, op_decode_token, op_sample, op_sample_grammar, op_logits, op_save_load,
-        op_n_past]
+        op_n_past, op_batch_add, op_batch_add, op_decode_batch]
 OPS = WORK * 4 + [op_close_ctx, op_close_sampler, op_close_model, op_renew, op_renew]
 
 
@@ -124,5 +134,5 @@ def test_six_threads_closing_decoding_sampling_tokenizing_and_saving(tiny_path):
     assert result["n_unexpected"] == 0, result["unexpected"]
     assert sum(result["ops"].values()) > 200, result
     assert set(result["errors"]) <= {"ClosedError", "ValueError", "IndexError", "SamplerError",
-                                     "StateError", "ContextFullError", "GrammarError"}, result
+                                     "StateError", "ContextFullError", "GrammarError", "InvalidBatchError"}, result
     assert result["errors"].get("ClosedError", 0) > 0, result      # the closes did race the calls

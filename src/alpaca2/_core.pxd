@@ -30,6 +30,7 @@ cdef class Batch:
     cdef readonly int capacity
     cdef readonly int n_seq_max
     cdef bint owner
+    cdef object _lock       # held by add/clear and by Context.decode_batch from its checks to the decode
 
 
 cdef class Context:

@@ -480,16 +480,3 @@ def _check_special_tokens(r: _Reader, kv, model, n_tokens) -> None:
     if add_eos and eos is None:
         r.fail(f"{what} adds an EOS token but has none (tokenizer.ggml.eos_token_id missing or out "
                "of range): llama.cpp would abort in the first tokenize")
-
-
-def available_memory():
-    """Bytes of memory a new allocation can still get (MemAvailable + free swap), or None where
-    the system does not say (not Linux).  Used by Context to refuse a KV cache that cannot fit."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.count(" ")}
-    except (OSError, ValueError, IndexError):
-        return None
-    if "MemAvailable" not in info:
-        return None
-    return info["MemAvailable"] + info.get("SwapFree", 0)

@@ -111,23 +111,9 @@ cdef class Context:
             n_batch = n_ctx
         if n_ubatch > n_batch:
             n_ubatch = n_batch
-        # The KV cache in host memory, refused before llama.cpp allocates it: an allocation the
-        # kernel overcommits would otherwise end in the OOM killer, not an exception.  Only where
-        # the size is exact (llama-layout attention, no GPU to hold it).
-        from alpaca2._gguf_check import GGML_TYPES, available_memory
-        arch = model.metadata.get("general.architecture")
-        if arch in ("llama", "qwen2") and not (offload_kqv and supports_gpu_offload()):
-            n_ctx_kv = -(-(n_ctx or model.n_ctx_train) // 256) * 256        # llama.cpp pads to 256
-            head_dim_kv = model.n_embd // max(model.n_head, 1) * model.n_head_kv
-            per_elem = {name: size / block for name, block, size in GGML_TYPES.values()}
-            kv_bytes = int(n_ctx_kv * model.n_layer * head_dim_kv * (per_elem[type_k] + per_elem[type_v]))
-            avail = available_memory()
-            if avail is not None and kv_bytes > avail:
-                raise OutOfMemoryError(
-                    f"a KV cache for n_ctx={n_ctx_kv} needs {kv_bytes / 2**30:.1f} GiB "
-                    f"({model.n_layer} layers x {head_dim_kv} x 2, {type_k}/{type_v}), but only "
-                    f"{avail / 2**30:.1f} GiB of memory is available: use a smaller n_ctx or "
-                    "type_k/type_v='q8_0'")
+        # the KV cache must fit in host memory (policy in alpaca2._memory)
+        from alpaca2._memory import check_kv_cache
+        check_kv_cache(model, n_ctx, type_k, type_v, bool(offload_kqv and supports_gpu_offload()))
         self.model = model
         model.check_rpc()
         cdef llama_context_params p = llama_context_default_params()
@@ -400,7 +386,12 @@ cdef class Context:
         """Decode a hand-built Batch (several sequences, explicit positions) in one llama_decode.
 
         As decode(): on an error (including abort() and Ctrl+C) the positions the batch wrote are
-        dropped again, so the KV cache is left as it was before the call."""
+        dropped again, so the KV cache is left as it was before the call.  The batch's lock is held
+        from the checks to the end of the decode: another thread's Batch.add() waits."""
+        with batch._lock:
+            self._decode_batch(batch)
+
+    def _decode_batch(self, Batch batch):
         cdef int rc = 0, i, j, s, n = batch.batch.n_tokens
         cdef bint rolled_back = True, sigint
         if n == 0:

@@ -162,7 +162,10 @@ class _Walker:
 
 
 def _check_cells(w, cell_count, ext, expect, info, where):
-    """The per-cell metadata: positions >= 0, 1..n_seq_max sequence ids each, all in range."""
+    """The per-cell metadata: positions >= 0, 1..n_seq_max sequence ids each, all in range.
+
+    In a sequence's state (info["single"]) each cell has exactly one id, which llama.cpp discards
+    (the cells go to the destination sequence), and no position comes twice."""
     n_seq_max = expect.get("n_seq_max") or LLAMA_MAX_SEQ
     base = 8 + (CELL_EXT_SIZE if ext else 0)
     w.need(cell_count * (base + 4), f"the metadata of {cell_count} cells{where}")
@@ -192,6 +195,12 @@ def _check_cells(w, cell_count, ext, expect, info, where):
                 seq_list[-1] = np.zeros(0, dtype="<i4")
         pos = np.asarray(pos_list, dtype=np.int64)
         seq = np.concatenate(seq_list) if seq_list else np.zeros(0, dtype="<i4")
+    if info.get("single"):
+        if len(seq) != cell_count:
+            w.fail(f"a cell{where} of a sequence's state belongs to several sequences")
+        if len(np.unique(pos)) != len(pos):
+            w.fail(f"a position comes twice in a sequence's state{where}")
+        seq = np.zeros(0, dtype="<i4")          # discarded by llama.cpp: any id will do
     if len(pos) and pos.min() < 0:
         i = int(np.argmax(pos < 0))
         w.fail(f"cell {i}{where} has position {int(pos[i])}, below 0")
@@ -301,7 +310,17 @@ def _check_kv_cache(w, expect, info, cache_index, ext):
     info["n_layer"] += cache_layers
 
 
-def _walk(w, expect) -> dict:
+def _walk(w, expect, single=False) -> dict:
+    """A whole state (the architecture's name, then the KV caches) or, with single, one
+    sequence's (the KV caches only, as llama_state_seq_* write them after their own header)."""
+    if single:
+        info = {"arch": None, "size": w.size, "n_cells": 0, "n_streams": 0, "n_layer": 0, "type_k": None,
+                "type_v": None, "v_trans": None, "max_pos": -1, "seq_ids": set(), "kv_caches": 0,
+                "n_outputs": 0, "has_logits": False, "checked": "header", "single": True}
+        if expect.get("memory", "kv") != "kv":
+            w.fail("the state of one sequence of a recurrent or hybrid model cannot be checked: "
+                   "save and restore the whole context instead")
+        return _walk_caches(w, expect, info)
     arch_len = w.u32("the length of the model architecture's name")
     if arch_len > MAX_ARCH_NAME or arch_len > w.left():
         w.need(arch_len, f"the model architecture's name of {arch_len} bytes")
@@ -319,6 +338,10 @@ def _walk(w, expect) -> dict:
     if expect.get("memory", "kv") != "kv":
         info["seq_ids"] = sorted(info["seq_ids"])
         return info
+    return _walk_caches(w, expect, info)
+
+
+def _walk_caches(w, expect, info) -> dict:
     start = w.pos
     first_error = None
     for ext in (False, True):           # cells carry a 12-byte extension on M-RoPE / PLE models
@@ -348,6 +371,7 @@ def _walk(w, expect) -> dict:
                 f"{want_layers}: a state of another model")
             continue
         trial["seq_ids"] = sorted(trial["seq_ids"])
+        trial.pop("single", None)
         trial["checked"] = "all"
         trial["cell_ext"] = ext
         return trial
@@ -405,3 +429,98 @@ def check_state_file(path, expect=None) -> dict:
         info = _walk(state, expect)
     info["n_tokens"] = n_tokens
     return info
+
+
+# One sequence's state.  llama_state_seq_get_data writes u32 SEQ_IO_MAGIC, i32 the sequence id,
+# then the KV caches as above (no architecture name); llama_state_seq_save_file writes
+# u32 'ggsq', u32 version 3, u32 n_tokens, i32 tokens, then the KV caches (no magic, no id).
+SEQ_IO_MAGIC = 0xAF143CD8
+LLAMA_STATE_SEQ_MAGIC = 0x67677371      # 'ggsq'
+LLAMA_STATE_SEQ_VERSION = 3
+
+
+def check_seq_state(data, expect=None) -> dict:
+    """Raise StateError unless data (from Context.save_seq_state) is one sequence's state that a
+    context with the expectations can restore into any of its sequences.  Returns check_state's
+    dict (seq_ids empty: the ids are replaced by the destination's)."""
+    flat = memoryview(data)
+    if flat.format != "B" or flat.ndim != 1:
+        flat = flat.cast("B")
+    w = _Walker(flat, 0, flat.nbytes, "invalid sequence state")
+    if flat.nbytes < 8:
+        w.fail(f"{flat.nbytes} bytes, too short for the 8-byte header (magic, sequence id)")
+    magic = w.u32("the magic")
+    if magic != SEQ_IO_MAGIC:
+        w.fail(f"magic {magic:#010x}, expected {SEQ_IO_MAGIC:#010x} (a state of one sequence)")
+    w.i32("the sequence id")
+    return _walk(_Walker(flat, 8, flat.nbytes - 8, w.what), expect or {}, single=True)
+
+
+def read_seq_state_file(path, expect=None, max_bytes=None):
+    """Read a sequence state file (llama_state_seq_save_file's format, which llama-server's slot
+    save writes) and check it; returns (tokens, blob) where blob goes to Context.load_seq_state.
+
+    Refuses a FIFO or device without opening it.  llama-server's newer files hold a packed token
+    list (-1, version, n, tokens); both that and a plain list are read."""
+    expect = expect or {}
+    path = os.fspath(path)
+    shown = path if isinstance(path, str) else os.fsdecode(path)
+    what = f"{shown} is not a valid sequence state file"
+    with open_regular_file(path, "sequence state file", StateError) as f:
+        size = os.fstat(f.fileno()).st_size
+        w = _Walker(None, 0, size, what, pread=lambda n, at: os.pread(f.fileno(), n, at))
+        if size < 12:
+            w.fail(f"{size} bytes, too short for the 12-byte header (magic, version, token count)")
+        if max_bytes is not None and size > max_bytes:
+            w.fail(f"{size} bytes, more than a state of this context can be ({max_bytes})")
+        magic, version, n_words = struct.unpack("<III", w.take(12, "the header"))
+        if magic != LLAMA_STATE_SEQ_MAGIC:
+            w.fail(f"magic {magic:#010x}, expected {LLAMA_STATE_SEQ_MAGIC:#010x} ('ggsq')")
+        if version != LLAMA_STATE_SEQ_VERSION:
+            w.fail(f"version {version}, this llama.cpp reads version {LLAMA_STATE_SEQ_VERSION}")
+        words = np.frombuffer(w.take(4 * n_words, f"{n_words} token words"), dtype="<i4")
+        payload = bytes(w.take(size - w.pos, "the state"))
+    tokens = words
+    if len(words) >= 3 and words[0] == -1:               # packed: LLAMA_TOKEN_NULL, version, n
+        n = int(words[2])
+        if n < 0 or 3 + n > len(words):
+            raise StateError(f"{what}: its packed token list claims {n} tokens in {len(words) - 3} words")
+        tokens = words[3:3 + n]
+    n_ctx = expect.get("n_ctx")
+    if n_ctx is not None and len(tokens) > n_ctx:
+        raise StateError(f"{what}: it holds {len(tokens)} tokens, more than this context's n_ctx {n_ctx}")
+    n_vocab = expect.get("n_vocab")
+    if len(tokens) and (tokens.min() < 0 or (n_vocab is not None and tokens.max() >= n_vocab)):
+        bad = int(tokens[(tokens < 0) | (tokens >= (n_vocab or 2 ** 31))][0])
+        raise StateError(f"{what}: token {bad} is outside this model's vocabulary (n_vocab {n_vocab})")
+    blob = struct.pack("<Ii", SEQ_IO_MAGIC, 0) + payload
+    try:
+        check_seq_state(blob, expect)
+    except StateError as e:
+        raise StateError(f"{what}: {str(e).split(': ', 1)[-1]}") from None
+    return tokens.tolist(), blob
+
+
+def write_seq_state_file(path, tokens, blob) -> int:
+    """Write a sequence state file (llama_state_seq_save_file's format) atomically; returns its size.
+    blob: Context.save_seq_state's bytes."""
+    if len(blob) < 8 or struct.unpack_from("<I", blob)[0] != SEQ_IO_MAGIC:
+        raise StateError("not a sequence state (Context.save_seq_state's bytes)")
+    toks = np.asarray(tokens, dtype="<i4")
+    data = struct.pack("<III", LLAMA_STATE_SEQ_MAGIC, LLAMA_STATE_SEQ_VERSION, len(toks)) + toks.tobytes() + \
+        bytes(memoryview(blob)[8:])
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return len(data)

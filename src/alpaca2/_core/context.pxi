@@ -22,10 +22,7 @@ _POS_MAX = 0x7fffffff - (1 << 24)
 
 def _state_checker():
     """alpaca2._state_check (validates state blobs and files before llama.cpp reads them)."""
-    try:
-        from alpaca2 import _state_check
-    except ImportError:          # not merged yet (issue 14b): llama.cpp's own checks only
-        return None
+    from alpaca2 import _state_check
     return _state_check
 
 
@@ -554,8 +551,7 @@ cdef class Context:
         check = _state_checker()
         with self._lock:
             self._check()
-            if check is not None:
-                check.check_state(data, check.expectations(self))
+            check.check_state(data, check.expectations(self))
             with nogil:
                 n = llama_state_set_data(self.ptr, &data[0], size)
             if n == 0:
@@ -609,8 +605,7 @@ cdef class Context:
         cdef bint ok
         with self._lock:
             self._check()
-            if check is not None:
-                check.check_state_file(path, check.expectations(self))
+            check.check_state_file(path, check.expectations(self))
             cap = self._n_ctx
             out = np.empty(max(cap, 1), dtype=np.int32)
             with nogil:
@@ -620,6 +615,50 @@ cdef class Context:
                 raise StateError(f"could not load the state from {path} (another model or n_ctx, or a damaged file)")
             self._outputs_after_load()
         return out[:n_out].tolist()
+
+    # -- one sequence's state (llama-server's slot save/restore) -----------------------------------
+    def save_seq_state(self, seq_id=0):
+        """The KV cache of sequence seq_id as bytes (llama_state_seq_get_data), for load_seq_state()."""
+        cdef size_t size, n
+        cdef uint8_t * dst
+        cdef int s
+        with self._lock:
+            self._check()
+            self._check_seq(seq_id)
+            s = seq_id
+            size = llama_state_seq_get_size(self.ptr, s)
+            data = PyBytes_FromStringAndSize(NULL, size)
+            dst = <uint8_t *>PyBytes_AS_STRING(data)
+            with nogil:
+                n = llama_state_seq_get_data(self.ptr, dst, size, s)
+        if n != size:
+            raise StateError(f"could not save sequence {seq_id} ({n} of {size} bytes)")
+        return data
+
+    def load_seq_state(self, const unsigned char[::1] data not None, seq_id=0):
+        """Put a sequence's state (from save_seq_state, of any sequence of a context of the same model)
+        into sequence seq_id, replacing what it held; returns the number of positions it now holds.
+
+        Checked before llama.cpp reads it, as load_state's blob; on a failure seq_id is left empty."""
+        cdef size_t n, size = data.shape[0]
+        cdef int s
+        check = _state_checker()
+        with self._lock:
+            self._check()
+            self._check_seq(seq_id)
+            s = seq_id
+            check.check_seq_state(data, check.expectations(self))
+            # llama.cpp keeps what the sequence held when the state is empty
+            if not llama_memory_seq_rm(self.mem, s, -1, -1):
+                raise StateError(f"could not empty sequence {seq_id}")
+            with nogil:
+                n = llama_state_seq_set_data(self.ptr, &data[0], size, s)
+            if n == 0:
+                llama_memory_seq_rm(self.mem, s, -1, -1)
+                raise StateError(f"the sequence state does not fit this context (another model, or no room "
+                                 f"for it in the KV cache)")
+            # the last decode's outputs (other sequences') stay valid: llama.cpp leaves them alone
+            return <int64_t>llama_memory_seq_pos_max(self.mem, s) + 1
 
     def perf(self):
         """llama.cpp's own timings for this context (ms and counts)."""

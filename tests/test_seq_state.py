@@ -55,13 +55,13 @@ def test_a_file_round_trips_with_its_tokens_in_both_token_layouts(ctx, tmp_path)
     size = _state_check.write_seq_state_file(path, [5, 6, 7, 8], blob)
     assert size == path.stat().st_size == 12 + 16 + len(blob) - 8
     assert path.read_bytes()[:4] == b"qsgg"             # 'ggsq', as llama_state_seq_save_file writes
-    tokens, blob2 = _state_check.read_seq_state_file(path, _state_check.expectations(ctx))
-    assert tokens == [5, 6, 7, 8] and ctx.load_seq_state(blob2, 0) == 4
+    tokens, blob2, info = _state_check.read_seq_state_file(path, _state_check.expectations(ctx))
+    assert tokens == [5, 6, 7, 8] and info["n_cells"] == 4 and ctx.load_seq_state(blob2, 0) == 4
     # llama-server's newer files: a packed token list (LLAMA_TOKEN_NULL, version, n, tokens)
     data = path.read_bytes()
     packed = struct.pack("<III", 0x67677371, 3, 7) + struct.pack("<iii", -1, 1, 4) + data[12:]
     path.write_bytes(packed)
-    tokens, _ = _state_check.read_seq_state_file(path, _state_check.expectations(ctx))
+    tokens, _, _ = _state_check.read_seq_state_file(path, _state_check.expectations(ctx))
     assert tokens == [5, 6, 7, 8]
 
 
@@ -145,4 +145,5 @@ def test_random_damage_never_ends_the_process(tiny_path):
             c.seq_rm(2, 0, -1)
         print("loaded", loaded, "refused", refused)
     """, timeout=300)
+    print("\nsequence state damage:", out.strip().splitlines()[-1])
     assert "refused" in out, out

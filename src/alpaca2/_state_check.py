@@ -495,10 +495,10 @@ def read_seq_state_file(path, expect=None, max_bytes=None):
         raise StateError(f"{what}: token {bad} is outside this model's vocabulary (n_vocab {n_vocab})")
     blob = struct.pack("<Ii", SEQ_IO_MAGIC, 0) + payload
     try:
-        check_seq_state(blob, expect)
+        info = check_seq_state(blob, expect)
     except StateError as e:
         raise StateError(f"{what}: {str(e).split(': ', 1)[-1]}") from None
-    return tokens.tolist(), blob
+    return tokens.tolist(), blob, info
 
 
 def write_seq_state_file(path, tokens, blob) -> int:

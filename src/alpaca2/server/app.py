@@ -70,6 +70,8 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
         self.slots_enabled = slots
         self.props_writable = props
         self.slot_save_path = slot_save_path
+        if slot_save_path:                  # as llama-server: made at startup
+            os.makedirs(slot_save_path, exist_ok=True)
         self.reranking = reranking
         self.system_fingerprint = f"b-alpaca2-{alpaca2.__version__}"
         self.created = int(time.time())

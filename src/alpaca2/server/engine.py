@@ -179,6 +179,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._embed_jobs: collections.deque[EmbedJob] = collections.deque()
+        self._actions: collections.deque = collections.deque()   # (seq_id, fn, future): run on idle slots
         self._busy = 0
         self._stopping = False
         self._draining = False          # shutting down: no new jobs
@@ -236,6 +237,34 @@ class Engine:
             self._cond.notify_all()
         return True
 
+    async def slot_action(self, seq_id: int, fn):
+        """Run fn(slot) on the decode thread once slot seq_id is idle (its request, if any, has
+        ended; no new one starts meanwhile) and return what it returns: /slots save, restore, erase."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._stopping or self._draining:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            self._actions.append((seq_id, fn, future))
+            self._cond.notify_all()
+        return await future
+
+    def _run_actions(self, actions):
+        for seq_id, fn, future in actions:
+            try:
+                result, error = fn(self.slots[seq_id]), None
+            except Exception as e:          # handed to the request that asked
+                result, error = None, e
+            loop = future.get_loop()
+
+            def settle(future=future, result=result, error=error):
+                if not future.done():
+                    future.set_exception(error) if error is not None else future.set_result(result)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:            # the loop is closed: nobody is waiting
+                pass
+
     @property
     def queue_length(self) -> int:
         return len(self._waiting)
@@ -275,6 +304,10 @@ class Engine:
         self._thread.join(timeout)
         if self._emb_thread is not None:
             self._emb_thread.join(timeout)
+        gone = APIError(503, "the server shut down before this slot action ran", type="server_error")
+        self._run_actions([(seq_id, lambda slot: (_ for _ in ()).throw(gone), future)
+                           for seq_id, _, future in self._actions])
+        self._actions.clear()
         jobs = [s.job for s in self.slots if s.job is not None] + list(self._waiting) + list(self._embed_jobs)
         for job in jobs:
             self._post([(job, ("error", 503, "the server shut down before this request finished"))])
@@ -302,7 +335,7 @@ class Engine:
         batch = Batch(self.ctx.n_batch, 1)
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._busy or self._cancel_all):
+                while not (self._stopping or self._waiting or self._busy or self._cancel_all or self._actions):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -320,7 +353,12 @@ class Engine:
                     n = len(self._waiting)
                     self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
                     self.cancelled_total += n - len(self._waiting)
-                free = [s for s in self.slots if s.job is None]
+                # slot actions on idle slots run now, and those slots take no new job this step
+                actions = [a for a in self._actions if self.slots[a[0]].job is None]
+                for a in actions:
+                    self._actions.remove(a)
+                acting = {a[0] for a in actions}
+                free = [s for s in self.slots if s.job is None and s.seq_id not in acting]
                 assigned = []
                 later = collections.deque()        # jobs asking for a slot that is busy
                 while self._waiting and free:
@@ -337,6 +375,8 @@ class Engine:
                     self._busy += 1
                     assigned.append(slot)
                 self._waiting.extendleft(reversed(later))
+            if actions:
+                self._run_actions(actions)
             try:
                 for slot in assigned:
                     self._start(slot)
@@ -383,6 +423,10 @@ class Engine:
                 accept(t)
         self.prompt_tokens_total += len(job.tokens)
         self.prompt_tokens_cached_total += common
+
+    def forget(self, slot):
+        """Empty an idle slot's KV cache (/slots erase, a failed restore)."""
+        self._forget(slot)
 
     def _forget(self, slot):
         """Drop a slot's KV cache (after a failed decode its contents are unknown)."""

@@ -9,6 +9,7 @@ import asyncio
 
 import alpaca2
 from alpaca2.errors import Alpaca2Error
+from alpaca2.server import slots
 from alpaca2.server.engine import RATE_WINDOW_S
 from alpaca2.server.openai_api import sse
 from alpaca2.server.validation import APIError, bad, number, read_json
@@ -111,13 +112,12 @@ class LlamaRoutes:
         return self._json(out)
 
     async def slot_action(self, request):
-        """llama-server's /slots/{id}?action=save|restore|erase: not here yet (501), said plainly."""
+        """llama-server's /slots/{id}?action=save|restore|erase (alpaca2.server.slots)."""
         if not self.slots_enabled:
             raise not_supported("This server does not support slots endpoint. Start it with `--slots`")
         action = request.query_params.get("action")
-        if action not in ("save", "restore", "erase"):
-            raise bad("'action' must be save, restore or erase", "action")
-        raise not_supported(f"slot {action} is not supported by alpaca2 serve yet")
+        body = await read_json(request, self.max_body, self.body_timeout) if action != "erase" else {}
+        return self._json(await slots.slot_action(self, request.path_params["id_slot"], action, body))
 
     async def tokenize(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)

@@ -1,0 +1,106 @@
+"""llama-server's /slots/{id}?action=save|restore|erase on alpaca2 serve: a slot's KV cache to a
+file (llama_state_seq_save_file's format) and back, into the same slot or another one.
+
+A real server subprocess with the tiny model; greedy answers from a restored slot must equal the
+answers of the slot that computed the cache, and damaged files must get 400, never a crash.
+"""
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from server_process import NO_EOS, ServerProcess  # noqa: E402
+
+PROMPT = "Once upon a time there was a little dragon who lived"
+
+
+@pytest.fixture(scope="module")
+def save_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("slots")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path, save_dir):
+    s = ServerProcess(tiny_path, "-np", "2", "-c", "1024", "-n", "8", "--slot-save-path", str(save_dir))
+    yield s
+    s.stop()
+
+
+def post(server, path, body=None):
+    return httpx.post(server.url + path, json=body if body is not None else {}, timeout=120)
+
+
+def complete(server, slot, prompt=PROMPT):
+    r = post(server, "/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0, "logit_bias": NO_EOS,
+                                     "id_slot": slot, "cache_prompt": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_save_restore_into_another_slot_and_erase(server, save_dir):
+    first = complete(server, 1)
+    n_prompt = first["tokens_evaluated"]
+    saved = post(server, "/slots/1?action=save", {"filename": "one.bin"})
+    assert saved.status_code == 200, saved.text
+    d = saved.json()
+    assert d["id_slot"] == 1 and d["filename"] == "one.bin"
+    # the slot holds the prompt and the answer's tokens but the last (sampled, never decoded)
+    assert d["n_saved"] == n_prompt + 8 - 1
+    assert d["n_written"] == (save_dir / "one.bin").stat().st_size and "save_ms" in d["timings"]
+    assert (save_dir / "one.bin").read_bytes()[:4] == b"qsgg"
+
+    restored = post(server, "/slots/0?action=restore", {"filename": "one.bin"})
+    assert restored.status_code == 200, restored.text
+    r = restored.json()
+    assert r["id_slot"] == 0 and r["n_restored"] == d["n_saved"] and r["n_read"] == d["n_written"]
+
+    again = complete(server, 0)                  # slot 0 reuses the restored cache
+    assert again["timings"]["cache_n"] == n_prompt - 1 and again["content"] == first["content"]
+
+    erased = post(server, "/slots/0?action=erase")
+    assert erased.status_code == 200 and erased.json() == {"id_slot": 0, "n_erased": again["tokens_evaluated"] + 7}
+    cold = complete(server, 0)
+    assert cold["timings"]["cache_n"] == 0 and cold["content"] == first["content"]
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/slots/0?action=save", {"filename": "../escape.bin"}, 400, "Invalid filename"),
+    ("/slots/0?action=save", {"filename": "a/b.bin"}, 400, "Invalid filename"),
+    ("/slots/0?action=save", {"filename": ""}, 400, "Invalid filename"),
+    ("/slots/0?action=save", {}, 400, "Invalid filename"),
+    ("/slots/0?action=save", {"filename": 7}, 400, "Invalid filename"),
+    ("/slots/9?action=save", {"filename": "x.bin"}, 400, "Invalid slot ID"),
+    ("/slots/one?action=save", {"filename": "x.bin"}, 400, "Invalid slot ID"),
+    ("/slots/0?action=fly", {"filename": "x.bin"}, 400, "Invalid action"),
+    ("/slots/0?action=restore", {"filename": "missing.bin"}, 400, "no file"),
+])
+def test_bad_requests_get_400(server, path, body, status, words):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_a_damaged_file_gets_400_and_leaves_the_slot_empty(server, save_dir):
+    complete(server, 1)
+    assert post(server, "/slots/1?action=save", {"filename": "good.bin"}).status_code == 200
+    data = (save_dir / "good.bin").read_bytes()
+    for name, blob in [("short.bin", data[:40]), ("magic.bin", b"xxxx" + data[4:]),
+                       ("cut.bin", data[:-5]), ("empty.bin", b""),
+                       ("count.bin", data[:8] + (10 ** 6).to_bytes(4, "little") + data[12:])]:
+        (save_dir / name).write_bytes(blob)
+        complete(server, 0)
+        r = post(server, "/slots/0?action=restore", {"filename": name})
+        assert r.status_code == 400, (name, r.text)
+        assert "Unable to restore slot" in r.json()["error"]["message"]
+        assert complete(server, 0)["timings"]["cache_n"] == 0, name       # nothing half-restored
+    assert server.proc.poll() is None
+
+
+def test_without_a_save_path_slot_actions_are_not_supported(tiny_path):
+    s = ServerProcess(tiny_path, "-np", "1", "-c", "256")
+    try:
+        r = post(s, "/slots/0?action=save", {"filename": "x.bin"})
+        assert r.status_code == 501 and "--slot-save-path" in r.json()["error"]["message"]
+    finally:
+        s.stop()

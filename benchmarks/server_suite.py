@@ -9,7 +9,9 @@ downloaded, so this script:
 1. makes local substitute models with alpaca2.testing (random weights, a trained SentencePiece
    vocabulary): a chat model with a ChatML template (for the stories260K/stories15M presets), the
    same with FIM token ids (the infill preset), and one with mean pooling (the embedding presets);
-   the reranker preset gets the embedding model (no rank head: rerank fails for both servers);
+   the reranker preset gets the embedding model (no rank head: both servers score by the first value of
+   the last token's hidden state, llama-server's --reranking on such a model); the router preset (no
+   model: router mode, which alpaca2 does not have) gets the chat model, for both servers;
 2. copies the suite to build/server-suite/tests (llama.cpp's files are never committed or edited
    in place) and adds a pytest plugin that points every preset at those files and skips the
    Hub pre-download;
@@ -68,6 +70,8 @@ def _local(self):
         self.model_file = MODELS[("*", None)]       # any other Hub model: the chat model
         self.model_hf_repo = None
         self.model_hf_file = None
+    elif self.model_file is None:                   # the router preset (test_security's CORS tests):
+        self.model_file = MODELS[("*", None)]       # no router mode here, the chat model for both servers
 
 
 _start = utils.ServerProcess.start

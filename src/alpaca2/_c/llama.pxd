@@ -365,11 +365,13 @@ cdef extern from "llama.h" nogil:
     bint llama_vocab_is_control(const llama_vocab * vocab, llama_token token)
     llama_token llama_vocab_bos(const llama_vocab * vocab)
     llama_token llama_vocab_eos(const llama_vocab * vocab)
+    llama_token llama_vocab_sep(const llama_vocab * vocab)
     llama_token llama_vocab_eot(const llama_vocab * vocab)
     llama_token llama_vocab_nl(const llama_vocab * vocab)
     llama_token llama_vocab_pad(const llama_vocab * vocab)
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
     bint llama_vocab_get_add_eos(const llama_vocab * vocab)
+    bint llama_vocab_get_add_sep(const llama_vocab * vocab)
 
     int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
                            llama_token * tokens, int32_t n_tokens_max, bint add_special, bint parse_special)

@@ -305,6 +305,27 @@ cdef class Model:
             return llama_vocab_eot(self.vocab)
 
     @property
+    def sep(self):
+        """The separator token (-1 when the vocabulary has none)."""
+        with self._lock:
+            self._check()
+            return llama_vocab_sep(self.vocab)
+
+    @property
+    def add_eos(self):
+        """Whether the vocabulary asks for EOS at the end of a prompt (BERT-like vocabularies)."""
+        with self._lock:
+            self._check()
+            return bool(llama_vocab_get_add_eos(self.vocab))
+
+    @property
+    def add_sep(self):
+        """Whether the vocabulary asks for SEP between a pair of texts (rerankers)."""
+        with self._lock:
+            self._check()
+            return bool(llama_vocab_get_add_sep(self.vocab))
+
+    @property
     def add_bos(self):
         """Whether the vocabulary asks for BOS at the start of a prompt."""
         with self._lock:

@@ -150,7 +150,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     c.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default="f16", help="KV cache type of V (default f16)")
     c.add_argument("-cb", "--cont-batching", action="store_true", help="accepted: batching is always continuous")
     c.add_argument("-nocb", "--no-cont-batching", action="store_true", help="accepted (batching stays continuous)")
-    c.add_argument("-kvu", "--kv-unified", action="store_true", help="accepted: the KV cache is always unified")
+    c.add_argument("-kvu", "--kv-unified", action="store_true", help="one KV cache all slots share: a request may use all of -c (default: -c / -np each)")
     c.add_argument("--no-context-shift", action="store_true", help="accepted: the context never shifts")
     c.add_argument("--swa-full", action="store_true", help="accepted: the SWA cache is always full size")
     c.add_argument("--no-warmup", action="store_true", help="accepted (a one-token warm-up decode always runs)")

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from alpaca2._core import Batch, Context, Model, Speculator
-from alpaca2.errors import Alpaca2Error
+from alpaca2.errors import Alpaca2Error, ContextFullError
 from alpaca2.server.validation import APIError
 from alpaca2.streaming import TextStream
 
@@ -50,6 +50,7 @@ class Job:
         self.accept_prompt = accept_prompt      # the prompt enters the sampler's history (penalties)
         self.id_slot = id_slot          # -1: any slot
         self.slot_id = -1               # the slot it runs in
+        self.return_progress = False    # ("progress", {...}) events while the prompt is decoded
         self.speculate = False          # may go through the engine's Speculator (set by the API layer)
         self.draft_sampler = None       # the draft model's chain (sampling, not greedy, with -md)
         self.spec_started = False
@@ -60,6 +61,8 @@ class Job:
         self.seed = None
         self.t_submit = time.monotonic()
         self.t_start = self.t_prompt_done = self.t_end = None
+        self.t_prompt_last = None       # when the last prompt batch was decoded
+        self.n_prompt_done = 0          # prompt tokens decoded so far (not counting the cached ones)
 
     def cancel(self):
         self.cancelled = True
@@ -75,16 +78,22 @@ class Job:
         """llama-server's timings: prompt (the uncached part) and generation, in ms."""
         now = time.monotonic()
         t0 = self.t_start or now
-        t1 = self.t_prompt_done or now
-        t2 = self.t_end or now
-        prompt_n, predicted_n = len(self.tokens) - self.cached_tokens, self.completion_tokens
+        if self.t_prompt_done is not None:          # the prompt is done: generation from then on
+            t1, t2 = self.t_prompt_done, self.t_end or now
+            prompt_n = len(self.tokens) - self.cached_tokens
+        else:                                       # still in the prompt: as far as it got
+            t1 = t2 = self.t_prompt_last or t0
+            prompt_n = self.n_prompt_done
+        predicted_n = self.completion_tokens
         prompt_ms, predicted_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        steps = max(predicted_n - 1, 0)
         return {"cache_n": self.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
                 "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
                 "prompt_per_second": prompt_n / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
                 "predicted_n": predicted_n, "predicted_ms": predicted_ms,
-                "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
-                "predicted_per_second": predicted_n / predicted_ms * 1e3 if predicted_ms > 0 else 0.0}
+                # as llama-server: over decode steps, not tokens (the first token comes with the prompt)
+                "predicted_per_token_ms": predicted_ms / steps if steps else 0.0,
+                "predicted_per_second": steps / predicted_ms * 1e3 if predicted_ms > 0 else 0.0}
 
     def text_event(self, text) -> tuple:
         """("text", text, token ids, their logprobs) with the tokens sampled since the last one."""
@@ -94,10 +103,14 @@ class Job:
 
 
 class EmbedJob:
-    """Token lists to embed (on the decode thread, between steps, in a context of their own)."""
+    """Token lists to embed (on the embedding thread, in a context of its own).
 
-    def __init__(self, inputs, loop):
+    rerank=True: each list is a query-document pair and its result is the pair's score (as
+    llama-server's: the first value of the rank-pooled output), not a unit vector."""
+
+    def __init__(self, inputs, loop, rerank=False):
         self.inputs = inputs
+        self.rerank = rerank
         self.index = 0
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
@@ -135,7 +148,7 @@ class Engine:
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
                  pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
-                 draft_p_min=0.75):
+                 draft_p_min=0.75, kv_unified=False):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:
@@ -169,7 +182,10 @@ class Engine:
                 raise
         self.spec_steps_total = 0
         self.spec_tokens_total = 0
-        self.n_ctx_slot = self.ctx.n_ctx // parallel
+        # each slot gets n_ctx / parallel; with kv_unified (llama-server's -kvu) any slot may use the whole
+        # cache, and a step that finds it full evicts idle slots' tokens, then fails the busy requests
+        self.kv_unified = kv_unified
+        self.n_ctx_slot = self.ctx.n_ctx if kv_unified else self.ctx.n_ctx // parallel
         if self.n_ctx_slot < 8:
             self.ctx.close()
             raise ValueError(f"n_ctx={self.ctx.n_ctx} over {parallel} slots leaves {self.n_ctx_slot} tokens "
@@ -186,6 +202,8 @@ class Engine:
         self._cancel_all = False        # shutting down: end every job now
         self._use_counter = 0
         self._emb_ctx = None
+        self._rerank_ctx = None
+        self._rerank_error: str | None = None
         self._emb_thread = None
         self._emb_error: str | None = None
         # metrics (written by the decode thread; read by /metrics)
@@ -193,6 +211,7 @@ class Engine:
         self.prompt_tokens_cached_total = 0
         self.completion_tokens_total = 0
         self.embedding_tokens_total = 0
+        self.embedding_decodes_total = 0
         self.decode_steps_total = 0
         self.prompt_seconds_total = 0.0        # llama-server's: prompt and generation time of ended jobs
         self.predicted_seconds_total = 0.0
@@ -315,8 +334,10 @@ class Engine:
             self.ctx.close()
             if self.draft_ctx is not None:
                 self.draft_ctx.close()
-        if self._emb_ctx is not None and (self._emb_thread is None or not self._emb_thread.is_alive()):
-            self._emb_ctx.close()
+        if self._emb_thread is None or not self._emb_thread.is_alive():
+            for c in (self._emb_ctx, self._rerank_ctx):
+                if c is not None:
+                    c.close()
 
     # -- the decode thread ---------------------------------------------------------------------
     @staticmethod
@@ -423,10 +444,20 @@ class Engine:
                 accept(t)
         self.prompt_tokens_total += len(job.tokens)
         self.prompt_tokens_cached_total += common
+        if job.return_progress:         # as llama-server: a first report before any prompt token is decoded
+            self._post([(job, self._progress(job, common))])
 
     def forget(self, slot):
         """Empty an idle slot's KV cache (/slots erase, a failed restore)."""
         self._forget(slot)
+
+    @staticmethod
+    def _progress(job, processed) -> tuple:
+        """llama-server's prompt_progress (prompt tokens in all, from the cache, processed so far) and
+        the timings at this point."""
+        t0 = job.t_start or time.monotonic()
+        return ("progress", {"total": len(job.tokens), "cache": job.cached_tokens, "processed": processed,
+                             "time_ms": int((time.monotonic() - t0) * 1e3)}, job.timings)   # timings as of now
 
     def _forget(self, slot):
         """Drop a slot's KV cache (after a failed decode its contents are unknown)."""
@@ -459,6 +490,7 @@ class Engine:
         batch.clear()
         room = self.ctx.n_batch
         plan = []                      # (slot, batch index) whose logits are sampled after the decode
+        prompting = []                 # slots with prompt tokens in this batch
         busy = [s for s in self.slots if s.job is not None]
         for s in busy:                 # generating slots first: one token each
             if s.pending is not None:
@@ -481,18 +513,36 @@ class Engine:
             s.tokens.extend(job.tokens[s.prompt_pos:s.prompt_pos + n])
             s.prompt_pos += n
             room -= n
+            prompting.append(s)
         if len(batch) == 0:
             return
         t0 = time.perf_counter()
         try:
-            self.ctx.decode_batch(batch)
+            try:
+                self.ctx.decode_batch(batch)
+            except ContextFullError:
+                idle = [s for s in self.slots if s.job is None and s.tokens]
+                if not idle:
+                    raise
+                for s in idle:                 # the shared cache is full: idle slots' tokens go first
+                    self._forget(s)
+                self.ctx.decode_batch(batch)
         except Alpaca2Error as e:
+            why = ("context size has been exceeded (the slots together need more than the KV cache holds)"
+                   if isinstance(e, ContextFullError) else f"decode failed: {e}")
             for s in busy:
-                events.append((s.job, ("error", 500, f"decode failed: {e}")))
+                events.append((s.job, ("error", 500, why)))
                 self._forget(s)
                 self._release(s)
             self._post(events)
             return
+        now = time.monotonic()
+        for s in prompting:
+            if s.job is not None:
+                s.job.n_prompt_done = s.prompt_pos - s.job.cached_tokens
+                s.job.t_prompt_last = now
+                if s.job.return_progress:
+                    events.append((s.job, self._progress(s.job, s.prompt_pos)))
         n_new = 0
         for out, (s, idx) in enumerate(plan):      # plan is in batch order: out is the output index
             try:
@@ -623,12 +673,32 @@ class Engine:
                 self._emb_error = f"this model cannot make embeddings here: {e}"
         return self._emb_ctx
 
+    def rerank_context(self):
+        """The context for /rerank, made on first use (embedding thread only).  A model with a
+        classifier head (pooling type rank in its GGUF) is pooled by it; any other gets llama-server's
+        behaviour for --reranking: the last token's hidden state (the first, for non-causal models),
+        whose first value is the score."""
+        if self._rerank_ctx is None and self._rerank_error is None:
+            md = self.model.metadata
+            arch = md.get("general.architecture", "")
+            if md.get(f"{arch}.pooling_type") == "4":
+                pooling = "rank"
+            else:
+                pooling = "cls" if md.get(f"{arch}.attention.causal") in ("False", "false", "0") else "last"
+            n = min(self.n_ctx_slot, self.model.n_ctx_train or self.n_ctx_slot, 2048)
+            try:
+                self._rerank_ctx = Context(self.model, n_ctx=n, n_batch=n, n_ubatch=n, n_threads=self.n_threads,
+                                           embeddings=True, pooling=pooling)
+            except Exception as e:
+                self._rerank_error = f"this model cannot rerank here: {e}"
+        return self._rerank_ctx
+
     def _embed(self, job):
         if job.cancelled:
             return
-        ctx = self.embeddings_context()
+        ctx = self.rerank_context() if job.rerank else self.embeddings_context()
         if ctx is None:
-            self._post([(job, ("error", 400, self._emb_error))])
+            self._post([(job, ("error", 400, self._rerank_error if job.rerank else self._emb_error))])
             return
         out = []
         try:
@@ -640,8 +710,12 @@ class Engine:
                 ctx.clear()
                 ctx.decode(ids)
                 vec = np.array(ctx.embeddings, dtype=np.float32)
-                norm = float(np.linalg.norm(vec))
-                out.append(vec / norm if norm > 0 else vec)
+                self.embedding_decodes_total += 1           # (this thread's own counters)
+                if job.rerank:
+                    out.append(float(vec[0]))
+                else:
+                    norm = float(np.linalg.norm(vec))
+                    out.append(vec / norm if norm > 0 else vec)
                 self.embedding_tokens_total += len(ids)
         except APIError as e:
             self._post([(job, ("error", e.status, e.message))])

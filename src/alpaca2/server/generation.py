@@ -46,15 +46,41 @@ class Generation:
             raise bad("the prompt is empty", field)
         return tokens
 
+    async def prompts_of(self, prompt, field="prompt"):
+        """llama-server's prompt forms (tokenize_input_prompts): one (text, token ids, a mix in one
+        list, {"prompt_string": text}, {"content": [{"type": "text", "text": ...}, ...]}), or several
+        (a list of those, when the list holds no bare token id)."""
+        def one(p):
+            if isinstance(p, dict):
+                if p.get("multimodal_data"):
+                    raise bad("this server has no multimodal (image/audio) support", field)
+                if "content" in p and "prompt_string" not in p:
+                    parts = p["content"]
+                    if not isinstance(parts, list) or not all(
+                            isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                            for c in parts):
+                        raise bad("'content' must be a list of {\"type\": \"text\", \"text\": ...} parts", field)
+                    return "".join(c["text"] for c in parts)
+                p = p.get("prompt_string")
+                if not isinstance(p, str):
+                    raise bad("a JSON prompt needs a 'prompt_string'", field)
+            return p
+        if isinstance(prompt, list) and len(prompt) > 1 and not any(
+                isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            if len(prompt) > 2048:
+                raise bad(f"at most 2048 prompts in '{field}'", field)
+            return [await self.tokens_of(one(p), field) for p in prompt]
+        return [await self.tokens_of(one(prompt), field)]
+
     def _logit_bias(self, bias) -> dict:
         """OpenAI's {"id": bias} or llama-server's [[id or text, bias or false], ...]."""
         items = []
         if isinstance(bias, dict):
-            for k, v in bias.items():
+            for k, v in bias.items():       # a key is a token id, or a text (its tokens), as llama-server
                 try:
                     items.append((int(k), v))
                 except ValueError:
-                    raise bad(f"'logit_bias' keys must be token ids, got {k!r}", "logit_bias") from None
+                    items += [(t, v) for t in self.model.tokenize(k, add_bos=False, special=False)]
         elif isinstance(bias, list):
             for pair in bias:
                 if not isinstance(pair, list) or len(pair) != 2:
@@ -261,7 +287,7 @@ class Generation:
         try:
             while left:
                 index, ev = await queue.get()
-                if ev[0] != "text":
+                if ev[0] not in ("text", "progress"):
                     left -= 1
                 yield index, ev
                 if ev[0] == "error":
@@ -293,7 +319,7 @@ class Generation:
                     r["probs"] += ev[3]
                 elif ev[0] == "end":
                     r["finish"] = ev[1]
-                else:
+                elif ev[0] != "progress":
                     raise self.error_of(ev)
         finally:
             gone.cancel()

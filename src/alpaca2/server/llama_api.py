@@ -9,7 +9,7 @@ import asyncio
 
 import alpaca2
 from alpaca2.errors import Alpaca2Error
-from alpaca2.server import slots
+from alpaca2.server import rerank, slots
 from alpaca2.server.engine import RATE_WINDOW_S
 from alpaca2.server.openai_api import sse
 from alpaca2.server.validation import APIError, bad, number, read_json
@@ -48,7 +48,11 @@ class LlamaRoutes:
             Route("/completion", self.completion, methods=["POST"]),
             Route("/completions", self.completion, methods=["POST"]),
             Route("/infill", self.infill, methods=["POST"]),
-        ]
+        ] + [Route(path, self.rerank, methods=["POST"])
+             for path in ("/rerank", "/v1/rerank", "/reranking", "/v1/reranking")]
+
+    async def rerank(self, request):
+        return self._json(await rerank.rerank(self, request))
 
     async def health(self, request):
         e = self.engine
@@ -164,7 +168,8 @@ class LlamaRoutes:
         if job.n_probs:
             d["completion_probabilities"] = [_post_sampling(p) if post_sampling else p for p in probs]
         if final:
-            d.update({"generation_settings": self.generation_settings(job), "prompt": "",
+            d.update({"generation_settings": self.generation_settings(job),
+                      "prompt": self.model.detokenize(job.tokens, special=True),   # as the model saw it
                       "has_new_line": "\n" in "".join(job.text_seen),
                       "truncated": job.stop_type == "limit" and job.completion_tokens >= job.n_room,
                       "stop_type": job.stop_type, "stopping_word": job.stopping_word,
@@ -221,24 +226,8 @@ class LlamaRoutes:
         """llama-server's /completion: content, tokens, stop_type, timings ... (streamed as SSE).
         Several prompts in one request ([tokens, "text", {"prompt_string": ...}]) answer as a list."""
         body = await read_json(request, self.max_body, self.body_timeout)
-        prompts = await self._prompts_of(body.get("prompt"))
+        prompts = await self.prompts_of(body.get("prompt"))
         return await self._complete(request, body, prompts, many=len(prompts) > 1 or None)
-
-    async def _prompts_of(self, prompt):
-        """llama-server's prompt forms: one (text, token ids, a mix in one list, {"prompt_string"}),
-        or several (a list of those, when the list holds no bare token id)."""
-        def one(p):
-            if isinstance(p, dict):
-                if p.get("multimodal_data"):
-                    raise bad("this server has no multimodal (image/audio) support", "prompt")
-                p = p.get("prompt_string")
-                if not isinstance(p, str):
-                    raise bad("a JSON prompt needs a 'prompt_string'", "prompt")
-            return p
-        if isinstance(prompt, list) and len(prompt) > 1 and not any(
-                isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [await self.tokens_of(one(p)) for p in prompt]
-        return [await self.tokens_of(one(prompt))]
 
     async def _complete(self, request, body, prompts, many=None):
         stream = body.get("stream", False)
@@ -247,10 +236,15 @@ class LlamaRoutes:
         n_probs = number(body, "n_probs", 0, 100, integer=True) or 0
         return_tokens = bool(body.get("return_tokens", False))
         post = bool(body.get("post_sampling_probs", False))
+        per_token_timings = body.get("timings_per_token") is True
+        fields = body.get("response_fields") or []
+        if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+            raise bad("'response_fields' must be a list of strings", "response_fields")
         jobs = []
         for i, tokens in enumerate(prompts):
             job = self.jobs_for(body, tokens, False, n_probs=n_probs)[0]
             job.index, job.text_seen = i, []
+            job.return_progress = stream and body.get("return_progress") is True
             if jobs:
                 job.events = jobs[0].events        # one queue: events come tagged with the index
             jobs.append(job)
@@ -264,7 +258,16 @@ class LlamaRoutes:
                     if ev[0] == "text":
                         job.text_seen.append(ev[1])
                         if ev[1] or ev[2]:
-                            yield sse(self._native(job, ev[1], ev[3], ev[2], False, True, post))
+                            d = self._native(job, ev[1], ev[3], ev[2], False, True, post)
+                            if per_token_timings:
+                                d["timings"] = job.timings
+                            yield sse(d)
+                    elif ev[0] == "progress":
+                        d = self._native(job, "", [], [], False, False)
+                        d["prompt_progress"] = ev[1]
+                        if per_token_timings:
+                            d["timings"] = ev[2]
+                        yield sse(d)
                     elif ev[0] == "end":
                         yield sse(self._native(job, "", [], [], True, return_tokens))
                     else:
@@ -280,7 +283,8 @@ class LlamaRoutes:
         out = []
         for job, r in zip(jobs, results):
             job.text_seen = [r["text"]]
-            out.append(self._native(job, r["text"], r["probs"], r["tokens"], True, return_tokens, post))
+            d = self._native(job, r["text"], r["probs"], r["tokens"], True, return_tokens, post)
+            out.append(_fields(d, fields) if fields else d)
         return self._json(out if many else out[0])
 
     async def metrics(self, request):
@@ -321,8 +325,8 @@ class LlamaRoutes:
         steps = max(e.decode_steps_total, 1)
         spec = e.spec.stats if e.spec is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
         for name, kind, help, value in (
-                ("prompt_tokens_total", "counter", "Number of prompt tokens processed.",
-                 e.prompt_tokens_total - e.prompt_tokens_cached_total),
+                ("prompt_tokens_total", "counter", "Number of prompt tokens processed.",   # embeddings' too
+                 e.prompt_tokens_total - e.prompt_tokens_cached_total + e.embedding_tokens_total),
                 ("prompt_tokens_cached_total", "counter", "Number of prompt tokens taken from the cache.",
                  e.prompt_tokens_cached_total),
                 ("prompt_seconds_total", "counter", "Prompt process time.", round(e.prompt_seconds_total, 6)),
@@ -330,7 +334,8 @@ class LlamaRoutes:
                  e.completion_tokens_total),
                 ("tokens_predicted_seconds_total", "counter", "Predict process time.",
                  round(e.predicted_seconds_total, 6)),
-                ("n_decode_total", "counter", "Total number of llama_decode() calls.", e.decode_steps_total),
+                ("n_decode_total", "counter", "Total number of llama_decode() calls.",
+                 e.decode_steps_total + e.embedding_decodes_total),
                 ("n_tokens_max", "counter", "Largest observed n_tokens.", e.n_tokens_max),
                 ("spec_decode_num_draft_tokens_total", "counter", "Drafted tokens (speculative decoding).",
                  spec["n_drafted"]),
@@ -347,6 +352,22 @@ class LlamaRoutes:
                  round(e.busy_slot_steps / steps, 3))):
             lines += [f"# HELP llamacpp:{name} {help}", f"# TYPE llamacpp:{name} {kind}", f"llamacpp:{name} {value}"]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+def _fields(d: dict, paths: list) -> dict:
+    """llama-server's response_fields: only these paths ("a/b" walks into objects), keyed by path."""
+    out = {}
+    for path in paths:
+        cur, ok = d, True
+        for key in path.split("/"):
+            if isinstance(cur, dict) and key in cur:
+                cur = cur[key]
+            else:
+                ok = False
+                break
+        if ok:
+            out[path] = cur
+    return out
+
 
 def _post_sampling(entry):
     """llama-server's post_sampling_probs shape: probabilities instead of log-probabilities."""

@@ -246,22 +246,9 @@ class OpenAIRoutes:
         """The request's inputs embedded: (token lists, unit-length vectors)."""
         if self.engine.pooling == "none":
             raise bad("Pooling type 'none' is not OAI compatible. Please use a different pooling type", key)
-        inp = body.get(key)
-        if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
-            inp = [inp]
-        if not isinstance(inp, list) or not inp or len(inp) > 2048:
-            raise bad(f"'{key}' must be a string, a list of strings, or token ids (1 to 2048 inputs)", key)
-        inputs = []
-        for x in inp:
-            if isinstance(x, str):
-                ids = self.model.tokenize(x, add_bos=True, special=False)
-            elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
-                ids = self.check_tokens(x, key)
-            else:
-                raise bad("each input must be a non-empty string or list of token ids", key)
-            if not ids:
-                raise bad("an input is empty", key)
-            inputs.append(ids)
+        if body.get(key) is None:
+            raise bad(f"'{key}' must be a string, token ids, or a list of them", key)
+        inputs = await self.prompts_of(body[key], key)
         job = EmbedJob(inputs, asyncio.get_running_loop())
         self.engine.submit(job)
         try:

@@ -1,0 +1,165 @@
+"""More of llama-server's behaviour on alpaca2 serve: /rerank, response_fields, logit_bias by text,
+prompt progress, -kvu (one KV cache shared by all slots), embedding inputs of every shape, and
+/metrics counting embeddings.  Tiny f32 models, a real server subprocess, httpx.
+"""
+import json
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import alpaca2  # noqa: E402
+from server_process import NO_EOS, ServerProcess  # noqa: E402
+
+DOCS = ["A machine is a physical system.", "Learning is acquiring knowledge.",
+        "Machine learning is a field of study.", "Paris est une grande ville."]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):
+    s = ServerProcess(tiny_path, "-np", "2", "-c", "1024", "-n", "16", "-b", "32", "--reranking", "--metrics",
+                      "--embeddings")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny_path):
+    with alpaca2.Model(tiny_path) as m:
+        yield m
+
+
+def post(server, path, body):
+    return httpx.post(server.url + path, json=body, timeout=120)
+
+
+def test_rerank_scores_match_the_last_tokens_hidden_state(server, tiny_path, vocab):
+    r = post(server, "/rerank", {"query": "Machine learning is", "documents": DOCS, "top_n": 3})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert [x["index"] for x in d["results"]] and len(d["results"]) == 3
+    scores = [x["relevance_score"] for x in d["results"]]
+    assert scores == sorted(scores, reverse=True)
+    # the oracle: the first value of the last token's (normed) hidden state of BOS query document
+    ctx = alpaca2.Context(vocab, n_ctx=256, embeddings=True, pooling="last", n_threads=1)
+    want = {}
+    for i, doc in enumerate(DOCS):
+        ids = [vocab.bos] + vocab.tokenize("Machine learning is", add_bos=False) + vocab.tokenize(doc, add_bos=False)
+        ctx.clear()
+        ctx.decode(ids)
+        want[i] = float(ctx.embeddings[0])
+    ctx.close()
+    best = sorted(want, key=want.get, reverse=True)[:3]
+    assert [x["index"] for x in d["results"]] == best
+    for x in d["results"]:
+        assert x["relevance_score"] == pytest.approx(want[x["index"]], rel=1e-4, abs=1e-5)
+    n_tokens = sum(len(vocab.tokenize("Machine learning is", add_bos=True)) + len(vocab.tokenize(doc, add_bos=False))
+                   for doc in DOCS)
+    assert d["usage"]["prompt_tokens"] == d["usage"]["total_tokens"] == n_tokens
+    # TEI's shape: a bare list with "score", and the texts on request
+    t = post(server, "/v1/rerank", {"query": "Machine learning is", "texts": DOCS, "return_text": True}).json()
+    assert [x["index"] for x in t] == [x["index"] for x in d["results"]] + [i for i in best[3:]] or len(t) == 4
+    assert all(x["text"] == DOCS[x["index"]] for x in t)
+
+
+@pytest.mark.parametrize("body", [{"query": "q", "documents": []}, {"query": "q", "documents": None},
+                                  {"query": "q", "documents": 123}, {"query": "q", "documents": [1, 2]},
+                                  {"documents": ["a"]}, {"query": 5, "documents": ["a"]},
+                                  {"query": "q", "documents": ["a"], "top_n": "2"}])
+def test_bad_rerank_requests_get_400(server, body):
+    r = post(server, "/rerank", body)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_response_fields_and_the_prompt_as_the_model_saw_it(server, vocab):
+    r = post(server, "/completion", {"prompt": "Hello there", "n_predict": 4, "logit_bias": NO_EOS,
+                                     "response_fields": ["content", "generation_settings/n_predict", "prompt", "x/y"]})
+    d = r.json()
+    assert set(d) == {"content", "generation_settings/n_predict", "prompt"}
+    assert d["generation_settings/n_predict"] == 4
+    assert d["prompt"] == vocab.detokenize(vocab.tokenize("Hello there", add_bos=True), special=True)
+    assert post(server, "/completion", {"prompt": "x", "response_fields": "content"}).status_code == 400
+
+
+def test_logit_bias_by_text_bans_those_tokens(server, vocab):
+    base = {"prompt": "Once upon a time", "n_predict": 24, "temperature": 0, "logit_bias": NO_EOS, "return_tokens": True}
+    free = post(server, "/completion", base).json()["tokens"]
+    word = vocab.detokenize(free[:1])
+    banned = set(vocab.tokenize(word, add_bos=False))
+    for bias in ({word: -100, "2": -100}, [[word, False], [2, False]]):
+        out = post(server, "/completion", dict(base, logit_bias=bias)).json()["tokens"]
+        assert not banned & set(out), (bias, out)
+
+
+def test_prompt_progress_is_streamed_batch_by_batch(server, vocab):
+    prompt = "the quick brown fox jumps over the lazy dog " * 8
+    n = len(vocab.tokenize(prompt, add_bos=True))
+    with httpx.stream("POST", server.url + "/completion", timeout=120, json={
+            "prompt": prompt, "n_predict": 4, "stream": True, "return_progress": True, "timings_per_token": True,
+            "cache_prompt": False, "id_slot": 1}) as s:
+        chunks = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    progress = [c for c in chunks if "prompt_progress" in c]
+    assert len(progress) >= -(-n // 32) + 1            # the first report, then one per 32-token batch
+    first = progress[0]
+    assert first["prompt_progress"]["processed"] == first["prompt_progress"]["cache"]
+    assert first["timings"]["prompt_n"] == 0 and first["timings"]["prompt_ms"] == 0.0
+    done = [p["prompt_progress"]["processed"] for p in progress]
+    assert done == sorted(done) and done[-1] == n and all(p["prompt_progress"]["total"] == n for p in progress)
+    ms = [p["timings"]["prompt_ms"] for p in progress]
+    assert ms == sorted(ms) and ms[-1] > 0
+    assert chunks[-1]["stop"] is True and "prompt_progress" not in chunks[-1]
+
+
+def test_generation_rate_counts_decode_steps(server):
+    one = post(server, "/completion", {"prompt": "I believe", "n_predict": 1}).json()["timings"]
+    assert one["predicted_n"] == 1 and one["predicted_per_second"] == 0.0 and one["predicted_per_token_ms"] == 0.0
+    t = post(server, "/completion", {"prompt": "I believe", "n_predict": 8, "logit_bias": NO_EOS}).json()["timings"]
+    assert t["predicted_per_second"] == pytest.approx(1e3 / t["predicted_ms"] * 7)
+
+
+@pytest.mark.parametrize("inp, n", [("", 1), ("string", 1), ([12, 34, 56], 1), ([12, 34, "string", 56], 1),
+                                    (["a", "b"], 2), (["a", [12, 34]], 2), ([[12, 34], [12, "s", 34]], 2),
+                                    ({"prompt_string": "s"}, 1), ({"content": [{"type": "text", "text": "s"}]}, 1),
+                                    (["a", {"prompt_string": "b"}, {"content": [{"type": "text", "text": "c"}]}], 3)])
+def test_embedding_inputs_of_every_shape(server, inp, n):
+    r = post(server, "/v1/embeddings", {"input": inp})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == n
+
+
+def test_content_parts_embed_as_their_text(server):
+    a = post(server, "/v1/embeddings", {"input": "hello world"}).json()["data"][0]["embedding"]
+    b = post(server, "/v1/embeddings", {"input": {"content": [{"type": "text", "text": "hello "},
+                                                                {"type": "text", "text": "world"}]}}).json()
+    assert b["data"][0]["embedding"] == a
+
+
+def test_embeddings_count_in_metrics(server):
+    def scrape():
+        text = httpx.get(server.url + "/metrics", timeout=30).text
+        return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("llamacpp:")}
+    before = scrape()
+    post(server, "/v1/embeddings", {"input": ["hello world", "goodbye world"]})
+    after = scrape()
+    assert after["llamacpp:prompt_tokens_total"] > before["llamacpp:prompt_tokens_total"]
+    assert after["llamacpp:n_decode_total"] == before["llamacpp:n_decode_total"] + 2
+    assert after["llamacpp:tokens_predicted_total"] == before["llamacpp:tokens_predicted_total"]
+
+
+def test_kv_unified_lets_one_request_use_the_whole_cache(tiny_path):
+    s = ServerProcess(tiny_path, "-np", "4", "-c", "256", "-kvu")
+    try:
+        r = post(s, "/completion", {"prompt": "A", "n_predict": 150, "logit_bias": NO_EOS})
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["predicted_n"] == 150        # more than 256 / 4 slots
+        assert httpx.get(s.url + "/props", timeout=30).json()["default_generation_settings"]["n_ctx"] == 256
+    finally:
+        s.stop()
+    plain = ServerProcess(tiny_path, "-np", "4", "-c", "256")
+    try:
+        r = post(plain, "/completion", {"prompt": "A", "n_predict": 150, "logit_bias": NO_EOS})
+        assert r.status_code == 400 or r.json()["timings"]["predicted_n"] < 150
+    finally:
+        plain.stop()

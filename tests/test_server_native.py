@@ -163,3 +163,26 @@ def test_kv_unified_lets_one_request_use_the_whole_cache(tiny_path):
         assert r.status_code == 400 or r.json()["timings"]["predicted_n"] < 150
     finally:
         plain.stop()
+
+
+def test_vertex_ai_predict_route(tiny_path):
+    import os
+    import sys
+    s = ServerProcess.__new__(ServerProcess)
+    env = dict(os.environ, AIP_MODE="PREDICTION", AIP_HEALTH_ROUTE="/healthz")
+    s.start([sys.executable, "-m", "alpaca2", "serve", "-m", str(tiny_path), "--port", "0", "-t", "1", "-np", "2"],
+            env=env)
+    try:
+        chat = {"@requestFormat": "chatCompletions", "max_tokens": 4, "stream": True, "logit_bias": NO_EOS,
+                "messages": [{"role": "user", "content": "Say hello"}]}
+        done = {"@requestFormat": "/completion", "prompt": "Hi", "n_predict": 2}
+        r = post(s, "/predict", {"instances": [chat, done, {"@requestFormat": "nope"}, 7]})
+        assert r.status_code == 200, r.text
+        p = r.json()["predictions"]
+        assert p[0]["choices"][0]["message"]["role"] == "assistant" and p[0]["usage"]["completion_tokens"] == 4
+        assert "content" in p[1] and p[1]["tokens_predicted"] <= 2
+        assert "no handler" in p[2]["error"]["message"] and "JSON object" in p[3]["error"]["message"]
+        assert post(s, "/predict", {"instances": {}}).status_code == 400
+        assert httpx.get(s.url + "/healthz", timeout=30).status_code == 200
+    finally:
+        s.stop()

@@ -27,6 +27,7 @@ import time
 import alpaca2
 from alpaca2._core import Model
 from alpaca2.sampling import DEFAULT_SAMPLING
+from alpaca2.server import gcp
 from alpaca2.server.anthropic import AnthropicRoutes
 from alpaca2.server.connections import guarded_protocol, limits_for, quiet_accept_errors
 from alpaca2.server.engine import Engine
@@ -84,6 +85,9 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
         from starlette.applications import Starlette
 
         routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes()
+        if gcp.enabled():               # Vertex AI's custom-container contract (AIP_MODE=PREDICTION)
+            post_paths = [r.path for r in routes if "POST" in (r.methods or ())]
+            routes += gcp.routes(self, post_paths, self.health)
         app = Starlette(routes=routes)
         app.add_exception_handler(APIError, self._api_error)
         app.add_exception_handler(404, self._not_found)
@@ -251,7 +255,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      cors_origins=args.cors_origins, metrics=args.metrics, slots=args.slots, props=args.props,
                      slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout,
                      aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()])
-        socks = [_listen_socket(h, args.port) for h in hosts]
+        port = gcp.port(args.port) if gcp.enabled() else args.port
+        socks = [_listen_socket(h, port) for h in hosts]
         host, port = socks[0].getsockname()[:2]
         quiet_accept_errors()
         max_conn, backlog = limits_for(args.max_connections)

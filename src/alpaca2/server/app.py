@@ -26,7 +26,7 @@ import time
 
 import alpaca2
 from alpaca2._core import Model
-from alpaca2.sampling import DEFAULT_SAMPLING
+from alpaca2.sampling import LLAMA_CPP_SAMPLING
 from alpaca2.server import gcp
 from alpaca2.server.anthropic import AnthropicRoutes
 from alpaca2.server.connections import guarded_protocol, limits_for, quiet_accept_errors
@@ -63,7 +63,7 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
         self.body_timeout = body_timeout
         self.max_tokens_limit = max_tokens_limit or engine.n_ctx_slot
         self.n_predict = n_predict
-        self.sampling = dict(DEFAULT_SAMPLING, **(sampling or {}))
+        self.sampling = dict(LLAMA_CPP_SAMPLING, **(sampling or {}))
         self.seed = seed
         self.shutdown_timeout = shutdown_timeout
         self.cors_origins = [o.strip() for o in (cors_origins or "").split(",") if o.strip()]

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from alpaca2.sampling import DEFAULT_SAMPLING
+from alpaca2.sampling import LLAMA_CPP_SAMPLING
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISSING_DEPENDENCY = 0, 1, 2, 3
 PROG = "alpaca2 serve"
@@ -180,13 +180,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling defaults (a request's own fields win)")
     g.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=_int_in(-2, 1 << 30), default=-1,
                    help="max_tokens when a request gives none (default -1: up to the context)")
-    g.add_argument("--temp", "--temperature", dest="temp", type=_float_in(0, 100), default=DEFAULT_SAMPLING["temp"],
-                   help=f"temperature (default {DEFAULT_SAMPLING['temp']}, as chat.sh)")
-    g.add_argument("--top-k", type=COUNT, default=DEFAULT_SAMPLING["top_k"])
-    g.add_argument("--top-p", type=_float_in(0, 1), default=DEFAULT_SAMPLING["top_p"])
-    g.add_argument("--min-p", type=_float_in(0, 1), default=DEFAULT_SAMPLING["min_p"])
-    g.add_argument("--repeat-penalty", type=_float_in(0, 100), default=DEFAULT_SAMPLING["repeat_penalty"])
-    g.add_argument("--repeat-last-n", type=_int_in(-1, 1 << 20), default=DEFAULT_SAMPLING["penalty_last_n"])
+    g.add_argument("--temp", "--temperature", dest="temp", type=_float_in(0, 100), default=LLAMA_CPP_SAMPLING["temp"],
+                   help=f"temperature (default {LLAMA_CPP_SAMPLING['temp']}; the defaults are llama-server's)")
+    g.add_argument("--top-k", type=COUNT, default=LLAMA_CPP_SAMPLING["top_k"])
+    g.add_argument("--top-p", type=_float_in(0, 1), default=LLAMA_CPP_SAMPLING["top_p"])
+    g.add_argument("--min-p", type=_float_in(0, 1), default=LLAMA_CPP_SAMPLING["min_p"])
+    g.add_argument("--repeat-penalty", type=_float_in(0, 100), default=LLAMA_CPP_SAMPLING["repeat_penalty"])
+    g.add_argument("--repeat-last-n", type=_int_in(-1, 1 << 20), default=LLAMA_CPP_SAMPLING["penalty_last_n"])
     g.add_argument("--presence-penalty", type=_float_in(-2, 2), default=0.0)
     g.add_argument("--frequency-penalty", type=_float_in(-2, 2), default=0.0)
     g.add_argument("-s", "--seed", type=_int_in(-1, (1 << 32) - 1), default=-1,

@@ -208,9 +208,7 @@ class Generation:
         else:
             if max_tokens > self.max_tokens_limit:
                 raise bad(f"'{key}' is {max_tokens}; this server allows at most {self.max_tokens_limit}", key)
-            if self.n_predict is not None and self.n_predict >= 0:
-                max_tokens = min(max_tokens, self.n_predict)      # as llama-server: -n caps requests
-            max_tokens = min(max_tokens, room)                    # the answer ends at the slot's end
+            max_tokens = min(max_tokens, room)      # a request's own value wins over -n (llama-server's)                    # the answer ends at the slot's end
         return max_tokens
 
     def jobs_for(self, body, tokens, strip_leading_space, *, n=1, n_probs=0):

@@ -186,3 +186,34 @@ def test_vertex_ai_predict_route(tiny_path):
         assert httpx.get(s.url + "/healthz", timeout=30).status_code == 200
     finally:
         s.stop()
+
+
+def test_a_model_that_would_abort_at_the_first_tokenize_never_reports_healthy(tmp_path):
+    """A t5 vocabulary told to add a BOS it lacks loads in llama.cpp, then its first tokenize aborts.
+    The pre-check refuses it (one line, exit 1, never listening); with the pre-check switched off,
+    the warm-up decode (before the server listens) is what meets the abort: /health is never green."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+    import gguf_fuzz
+    seed = Path(gguf_fuzz.tiny_fuzz_model(tmp_path / "seed.gguf")).read_bytes()
+    lay = gguf_fuzz.Layout(seed)
+    kvs, tis, blob = lay.header_and_blob()
+    records = {kv["key"]: rec for kv, rec in zip(lay.kvs, kvs)}
+    records.pop("tokenizer.ggml.bos_token_id")
+    records["tokenizer.ggml.model"] = gguf_fuzz.kv_record("tokenizer.ggml.model", 8, "t5")
+    records["tokenizer.ggml.add_bos_token"] = gguf_fuzz.kv_record("tokenizer.ggml.add_bos_token", 7, True)
+    bad = tmp_path / "t5.gguf"
+    bad.write_bytes(gguf_fuzz.build(list(records.values()), tis, blob, lay.alignment))
+    env = dict(os.environ, GGML_NO_BACKTRACE="1")
+    r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", str(bad), "--port", "0"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and "not a valid GGUF file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "serving" not in r.stderr
+    unguarded = ("import sys, alpaca2._gguf_check as g; g.validate = lambda path: None\n"
+                 "from alpaca2.server import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", unguarded, "-m", str(bad), "--port", "0"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "serving" not in r.stderr, (r.returncode, r.stderr[-2000:])

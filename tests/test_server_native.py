@@ -217,3 +217,42 @@ def test_a_model_that_would_abort_at_the_first_tokenize_never_reports_healthy(tm
     r = subprocess.run([sys.executable, "-c", unguarded, "-m", str(bad), "--port", "0"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "serving" not in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+def test_sleep_after_idle_seconds_frees_the_contexts_and_wakes_on_work(tiny_path):
+    import time
+    s = ServerProcess(tiny_path, "-np", "2", "-c", "512", "--sleep-idle-seconds", "1", "--metrics")
+
+    def props():
+        return httpx.get(s.url + "/props", timeout=30).json()
+
+    def wait_sleeping(timeout=15):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if props()["is_sleeping"]:
+                return True
+            time.sleep(0.1)
+        return False
+    try:
+        first = post(s, "/completion", {"prompt": "Hello", "n_predict": 8, "temperature": 0, "logit_bias": NO_EOS})
+        assert first.status_code == 200 and props()["is_sleeping"] is False
+        assert wait_sleeping()
+        # reading endpoints leave it asleep
+        for path in ("/health", "/props", "/v1/models", "/metrics", "/slots"):
+            assert httpx.get(s.url + path, timeout=30).status_code == 200, path
+        assert props()["is_sleeping"] is True
+        # work wakes it, and the answer is the one before the sleep (same model, same greedy steps)
+        again = post(s, "/completion", {"prompt": "Hello", "n_predict": 8, "temperature": 0, "logit_bias": NO_EOS})
+        assert again.status_code == 200 and again.json()["content"] == first.json()["content"]
+        assert again.json()["timings"]["cache_n"] == 0          # the slots' caches went with the contexts
+        assert props()["is_sleeping"] is False
+        assert wait_sleeping()
+        assert post(s, "/tokenize", {"content": "hi"}).status_code == 200 and props()["is_sleeping"] is False
+        # the throughput gauges cover the time since the previous scrape, as llama-server's
+        post(s, "/completion", {"prompt": "Hello", "n_predict": 8, "logit_bias": NO_EOS})
+        gauge = lambda: float([ln for ln in httpx.get(s.url + "/metrics", timeout=30).text.splitlines()  # noqa
+                               if ln.startswith("llamacpp:predicted_tokens_seconds ")][0].split()[1])
+        assert gauge() > 0 and gauge() == 0
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0

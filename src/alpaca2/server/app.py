@@ -34,6 +34,7 @@ from alpaca2.server.engine import Engine
 from alpaca2.server.generation import Generation
 from alpaca2.server.llama_api import LlamaRoutes
 from alpaca2.server.openai_api import OpenAIRoutes
+from alpaca2.server.sleep import SleepWatch
 from alpaca2.server.validation import APIError
 from alpaca2.templates import ModelTemplate, Template, choose_template
 
@@ -49,7 +50,8 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
     def __init__(self, model: Model, engine: Engine, *, model_id: str, template="auto", api_keys=(),
                  max_body=1 << 20, max_tokens_limit=None, n_predict=-1, sampling=None, seed=None,
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
-                 slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=()):
+                 slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=(),
+                 sleep_idle_seconds=-1):
         self.model = model
         self.engine = engine
         self.model_id = model_id
@@ -71,6 +73,8 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
         self.slots_enabled = slots
         self.props_writable = props
         self.slot_save_path = slot_save_path
+        self._metrics_bucket = (0, 0.0, 0, 0.0)   # what the previous /metrics scrape saw
+        self.sleep_watch = SleepWatch(engine, sleep_idle_seconds) if sleep_idle_seconds > 0 else None
         if slot_save_path:                  # as llama-server: made at startup
             os.makedirs(slot_save_path, exist_ok=True)
         self.reranking = reranking
@@ -125,7 +129,14 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
                                "or 'x-api-key: <key>'", type="authentication_error", code="invalid_api_key")
                 await self._send_error(err, send_status)
                 return
-            await self.app(scope, receive, send_status)
+            if self.sleep_watch is not None and self.sleep_watch.wakes(scope["method"], path):
+                await self.sleep_watch.enter()
+                try:
+                    await self.app(scope, receive, send_status)
+                finally:
+                    self.sleep_watch.leave()
+            else:
+                await self.app(scope, receive, send_status)
         finally:
             self.requests[(endpoint, status[0] or 499)] += 1
             self.latency_sum[endpoint] += time.monotonic() - t0
@@ -254,7 +265,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      sampling=sampling, seed=args.seed, shutdown_timeout=args.shutdown_timeout,
                      cors_origins=args.cors_origins, metrics=args.metrics, slots=args.slots, props=args.props,
                      slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout,
-                     aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()])
+                     aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
+                     sleep_idle_seconds=args.sleep_idle_seconds)
         port = gcp.port(args.port) if gcp.enabled() else args.port
         socks = [_listen_socket(h, port) for h in hosts]
         host, port = socks[0].getsockname()[:2]
@@ -264,7 +276,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                                 timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="off",
                                 timeout_keep_alive=min(args.timeout, 5), backlog=backlog,
                                 http=guarded_protocol(args.header_timeout, max_conn))
-        server = _uvicorn_server_class()(config, engine, args.shutdown_timeout)
+        server = _uvicorn_server_class()(config, engine, args.shutdown_timeout,
+                                         on_start=srv.sleep_watch.start if srv.sleep_watch else None)
         shown = f"[{host}]" if ":" in host else host
         print(f"alpaca2: serving {model_id} on http://{shown}:{port}/v1 "
               f"({engine.parallel} slots of {engine.n_ctx_slot} tokens, template {srv.template.name}"
@@ -289,10 +302,16 @@ def _uvicorn_server_class():
         On the signal: stop accepting, refuse new requests, let running ones finish for up to
         shutdown_timeout seconds, then end them with an error event (streams end cleanly)."""
 
-        def __init__(self, config, engine, shutdown_timeout):
+        def __init__(self, config, engine, shutdown_timeout, on_start=None):
             super().__init__(config)
             self.engine = engine
             self.shutdown_timeout = shutdown_timeout
+            self.on_start = on_start
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.on_start is not None:
+                self.on_start()
 
         async def shutdown(self, sockets=None):
             self.engine.drain()

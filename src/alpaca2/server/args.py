@@ -119,6 +119,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--no-slots", dest="slots", action="store_false", help="no /slots")
     s.add_argument("--props", action="store_true", help="let POST /props change the server's settings")
     s.add_argument("--slot-save-path", default=None, help="directory for /slots save/restore")
+    s.add_argument("--sleep-idle-seconds", type=_float_in(-1, 1e9), default=-1,
+                   help="free the contexts after this many idle seconds (-1: never), as llama-server")
     s.add_argument("--embedding", "--embeddings", dest="embedding", action="store_true",
                    help="accepted: /v1/embeddings is always on")
     s.add_argument("--reranking", "--rerank", dest="reranking", action="store_true", help="serve /rerank")

@@ -158,28 +158,15 @@ class Engine:
         self.model = model
         self.parallel = parallel
         self.queue_size = queue_size
-        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, n_ubatch),
-                           n_threads=n_threads, n_threads_batch=n_threads_batch, n_seq_max=parallel,
-                           kv_unified=True, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
         self.pooling = pooling
-        self.spec = None                # speculative decoding (one slot): a draft model or n-gram lookup
-        self.draft_ctx = None
-        if draft_model is not None or lookup:
-            if parallel != 1:
-                self.ctx.close()
-                raise ValueError("speculative decoding (-md / --lookup) needs -np 1 here")
-            try:
-                if draft_model is not None:
-                    self.draft_ctx = Context(draft_model, n_ctx=self.ctx.n_ctx, n_batch=n_batch,
-                                             n_ubatch=min(n_batch, n_ubatch), n_threads=n_threads,
-                                             n_threads_batch=n_threads_batch, type_k=type_k, type_v=type_v)
-                self.spec = Speculator(self.ctx, self.draft_ctx, lookup=lookup and draft_model is None,
-                                       n_draft=n_draft, n_draft_min=n_draft_min, p_min=draft_p_min)
-            except BaseException:
-                if self.draft_ctx is not None:
-                    self.draft_ctx.close()
-                self.ctx.close()
-                raise
+        if (draft_model is not None or lookup) and parallel != 1:
+            raise ValueError("speculative decoding (-md / --lookup) needs -np 1 here")
+        self._ctx_args = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, n_ubatch), n_threads=n_threads,
+                              n_threads_batch=n_threads_batch, type_k=type_k, type_v=type_v)
+        self._spec_args = dict(draft_model=draft_model, lookup=lookup, n_draft=n_draft, n_draft_min=n_draft_min,
+                               p_min=draft_p_min)
+        self.ctx = self.draft_ctx = self.spec = None
+        self._make_contexts(flash_attn)
         self.spec_steps_total = 0
         self.spec_tokens_total = 0
         # each slot gets n_ctx / parallel; with kv_unified (llama-server's -kvu) any slot may use the whole
@@ -187,7 +174,7 @@ class Engine:
         self.kv_unified = kv_unified
         self.n_ctx_slot = self.ctx.n_ctx if kv_unified else self.ctx.n_ctx // parallel
         if self.n_ctx_slot < 8:
-            self.ctx.close()
+            self._close_contexts()
             raise ValueError(f"n_ctx={self.ctx.n_ctx} over {parallel} slots leaves {self.n_ctx_slot} tokens "
                              "per request; use a larger -c or a smaller --parallel")
         self.n_threads = n_threads
@@ -197,6 +184,8 @@ class Engine:
         self._embed_jobs: collections.deque[EmbedJob] = collections.deque()
         self._actions: collections.deque = collections.deque()   # (seq_id, fn, future): run on idle slots
         self._busy = 0
+        self._asleep = False
+        self._emb_running = False       # the embedding thread is using its contexts
         self._stopping = False
         self._draining = False          # shutting down: no new jobs
         self._cancel_all = False        # shutting down: end every job now
@@ -225,6 +214,75 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="alpaca2-decode", daemon=True)
         self._thread.start()
 
+    def _make_contexts(self, flash_attn="auto"):
+        """The decode context (all slots, one unified KV cache) and, with -md/--lookup, the draft's
+        context and the Speculator (one slot)."""
+        a, sa = self._ctx_args, self._spec_args
+        self._flash_attn = flash_attn
+        self.ctx = Context(self.model, n_seq_max=self.parallel, kv_unified=True, flash_attn=flash_attn, **a)
+        if sa["draft_model"] is None and not sa["lookup"]:
+            return
+        try:
+            if sa["draft_model"] is not None:
+                self.draft_ctx = Context(sa["draft_model"], n_ctx=self.ctx.n_ctx, n_batch=a["n_batch"],
+                                         n_ubatch=a["n_ubatch"], n_threads=a["n_threads"],
+                                         n_threads_batch=a["n_threads_batch"], type_k=a["type_k"], type_v=a["type_v"])
+            self.spec = Speculator(self.ctx, self.draft_ctx, lookup=sa["lookup"] and sa["draft_model"] is None,
+                                   n_draft=sa["n_draft"], n_draft_min=sa["n_draft_min"], p_min=sa["p_min"])
+        except BaseException:
+            if self.draft_ctx is not None:
+                self.draft_ctx.close()
+            self.ctx.close()
+            raise
+
+    def _close_contexts(self):
+        for c in (self.ctx, self.draft_ctx):
+            if c is not None:
+                c.close()
+        self.ctx = self.draft_ctx = self.spec = None
+
+    # -- sleeping (llama-server's --sleep-idle-seconds) -------------------------------------------
+    @property
+    def speculative(self) -> bool:
+        return self._spec_args["draft_model"] is not None or self._spec_args["lookup"]
+
+    @property
+    def draft_model(self):
+        return self._spec_args["draft_model"]
+
+    @property
+    def sleeping(self) -> bool:
+        return self._asleep
+
+    async def sleep(self) -> bool:
+        """Free the contexts (KV caches and compute buffers: the memory a server holds while idle)
+        once nothing runs; the model stays loaded.  False when there was work after all."""
+        return await self.slot_action(-1, lambda _: self._sleep_now())
+
+    async def wake(self):
+        """Make the contexts again (the decode thread also does it when a job finds it asleep)."""
+        return await self.slot_action(-1, lambda _: self._wake_now())
+
+    def _sleep_now(self) -> bool:
+        with self._cond:
+            if self._asleep or self._busy or self._waiting or self._embed_jobs or self._emb_running:
+                return False
+            self._asleep = True
+            emb = [c for c in (self._emb_ctx, self._rerank_ctx) if c is not None]
+            self._emb_ctx = self._rerank_ctx = None          # made again on first use
+        for c in emb:
+            c.close()
+        self._close_contexts()
+        for s in self.slots:
+            s.tokens = []
+        return True
+
+    def _wake_now(self):
+        if self._asleep:
+            self._make_contexts(self._flash_attn)
+            self._asleep = False
+        return True
+
     def _warm_up(self):
         """Tokenize and decode a few tokens (then forget them), before the server listens: a model
         that fails here never reports healthy (llama-server warms up the same way)."""
@@ -233,7 +291,7 @@ class Engine:
             self.ctx.decode(ids, seq_id=0)
             self.ctx.seq_rm(0, 0, -1)
         except BaseException:
-            self.ctx.close()
+            self._close_contexts()
             raise
 
     # -- called from the event loop ------------------------------------------------------------
@@ -271,7 +329,7 @@ class Engine:
     def _run_actions(self, actions):
         for seq_id, fn, future in actions:
             try:
-                result, error = fn(self.slots[seq_id]), None
+                result, error = fn(self.slots[seq_id] if seq_id >= 0 else None), None
             except Exception as e:          # handed to the request that asked
                 result, error = None, e
             loop = future.get_loop()
@@ -331,9 +389,7 @@ class Engine:
         for job in jobs:
             self._post([(job, ("error", 503, "the server shut down before this request finished"))])
         if not self._thread.is_alive():
-            self.ctx.close()
-            if self.draft_ctx is not None:
-                self.draft_ctx.close()
+            self._close_contexts()
         if self._emb_thread is None or not self._emb_thread.is_alive():
             for c in (self._emb_ctx, self._rerank_ctx):
                 if c is not None:
@@ -375,10 +431,12 @@ class Engine:
                     self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
                     self.cancelled_total += n - len(self._waiting)
                 # slot actions on idle slots run now, and those slots take no new job this step
-                actions = [a for a in self._actions if self.slots[a[0]].job is None]
+                actions = [a for a in self._actions if a[0] < 0 or self.slots[a[0]].job is None]
                 for a in actions:
                     self._actions.remove(a)
                 acting = {a[0] for a in actions}
+                if self._asleep and (self._waiting or any(a[0] >= 0 for a in actions)):
+                    self._wake_now()            # work came in: the contexts again
                 free = [s for s in self.slots if s.job is None and s.seq_id not in acting]
                 assigned = []
                 later = collections.deque()        # jobs asking for a slot that is busy
@@ -420,7 +478,12 @@ class Engine:
                 if self._stopping:
                     return
                 job = self._embed_jobs.popleft()
-            self._embed(job)
+                self._emb_running = True
+            try:
+                self._embed(job)
+            finally:
+                with self._cond:
+                    self._emb_running = False
 
     def _pick_slot(self, free, tokens):
         """The free slot sharing the longest prefix with tokens; else the least recently used."""

@@ -91,7 +91,7 @@ class LlamaRoutes:
             "bos_token": model.token_text(model.bos) if model.bos >= 0 else "",
             "eos_token": model.token_text(model.eos) if model.eos >= 0 else "",
             "build_info": f"alpaca2 {alpaca2.__version__} (llama.cpp {alpaca2.llama_cpp_version()})",
-            "is_sleeping": False,
+            "is_sleeping": self.engine.sleeping,
         })
 
     async def set_props(self, request):
@@ -321,7 +321,16 @@ class LlamaRoutes:
         metric("queue_length", "gauge", "Requests waiting for a slot.", [({}, e.queue_length)])
         metric("slots_busy", "gauge", "Slots decoding a request.", [({}, e.busy_slots)])
         metric("slots_total", "gauge", "Slots (parallel sequences).", [({}, e.parallel)])
-        # llama-server's own names, so its dashboards work unchanged
+        # llama-server's own names, so its dashboards work unchanged; its throughput gauges cover the
+        # time since the previous scrape (its metric "buckets"), not the whole run
+        last = self._metrics_bucket
+        now_bucket = (e.prompt_tokens_total - e.prompt_tokens_cached_total, e.prompt_seconds_total,
+                      e.completion_tokens_total, e.predicted_seconds_total)
+        self._metrics_bucket = now_bucket
+
+        def rate(tokens, seconds, i):
+            dt = seconds - last[i + 1]
+            return round((tokens - last[i]) / dt, 3) if dt > 0 else 0
         steps = max(e.decode_steps_total, 1)
         spec = e.spec.stats if e.spec is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
         for name, kind, help, value in (
@@ -341,11 +350,10 @@ class LlamaRoutes:
                  spec["n_drafted"]),
                 ("spec_decode_num_accepted_tokens_total", "counter", "Accepted drafted tokens.", spec["n_accepted"]),
                 ("spec_decode_num_drafts_total", "counter", "Draft-and-verify steps.", spec["n_steps"]),
-                ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.",
-                 round((e.prompt_tokens_total - e.prompt_tokens_cached_total) / e.prompt_seconds_total, 3)
-                 if e.prompt_seconds_total else 0),
-                ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s.",
-                 round(e.completion_tokens_total / e.predicted_seconds_total, 3) if e.predicted_seconds_total else 0),
+                ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s since the last scrape.",
+                 rate(e.prompt_tokens_total - e.prompt_tokens_cached_total, e.prompt_seconds_total, 0)),
+                ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s since the last "
+                 "scrape.", rate(e.completion_tokens_total, e.predicted_seconds_total, 2)),
                 ("requests_processing", "gauge", "Number of requests processing.", e.busy_slots),
                 ("requests_deferred", "gauge", "Number of requests deferred.", e.queue_length),
                 ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call.",

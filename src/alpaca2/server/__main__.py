@@ -3,4 +3,8 @@ import sys
 
 from alpaca2.server.args import main
 
-sys.exit(main(prog="alpaca2-server"))
+argv = sys.argv[1:]
+prog = "alpaca2-server"
+if argv[:1] == ["--prog"] and len(argv) > 1:     # the name it was started as (after a re-exec)
+    prog, argv = argv[1], argv[2:]
+sys.exit(main(argv, prog=prog))

@@ -563,8 +563,8 @@ for line in sys.stdin:
 class _Worker:
     """A worker process and a line reader on its stdout that honours a timeout."""
 
-    def __init__(self, env):
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+    def __init__(self, env, code=WORKER, args=()):
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self.buf = b""
 

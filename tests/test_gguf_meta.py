@@ -243,8 +243,8 @@ def arch_seeds(tmp_path_factory):
 H = "granitehybrid"
 ARCH_CASES = {
     "granitehybrid ssm.inner_size != 2 * n_embd": (
-        "hybrid", [(f"{H}.ssm.inner_size", U32, 5)],
-        "ssm.inner_size is 5, but llama.cpp supports only 2 x", "2 * n_embd == d_inner"),
+        "hybrid", [(f"{H}.ssm.inner_size", U32, 128)],
+        "ssm.inner_size is 128, but llama.cpp supports only 2 x", "2 * n_embd == d_inner"),
     "granitehybrid embedding_length changed (d_inner no longer 2x)": (
         "hybrid", [(f"{H}.embedding_length", U32, 16), (f"{H}.rope.dimension_count", U32, 4)],
         "ssm.inner_size is 64, but llama.cpp supports only 2 x", "2 * n_embd == d_inner"),
@@ -303,3 +303,31 @@ def test_good_recurrent_and_hybrid_models_pass_and_decode(arch_seeds, tmp_path, 
     _gguf_check.validate(path)
     r = load_and_decode(path, precheck=True)
     assert r.returncode == 0 and "USED" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+# Files whose tensors agree with their Mamba-2 head and group counts: only the counts are wrong
+SSM_SHAPE_CASES = {
+    "time_step_rank does not divide inner_size": (
+        dict(n_ssm_head=5), [], "time_step_rank is 5, which does not divide", "d_inner % n_head == 0"),
+    "group_count does not divide inner_size": (
+        dict(n_group=3), [], "group_count is 3, which does not divide", "d_inner % n_group == 0"),
+    "group_count 0 (d_state 0 keeps the tensors consistent)": (
+        dict(d_state=0), [(f"{H}.ssm.group_count", U32, 0)], "group_count is 0", None),
+}
+
+
+@pytest.mark.parametrize("name", list(SSM_SHAPE_CASES))
+def test_mamba2_head_and_group_counts_llama_cpp_crashes_on_are_refused(tmp_path, tokenizer_path, name):
+    from alpaca2 import testing_archs
+    shape, keys, message, abort_text = SSM_SHAPE_CASES[name]
+    path = Path(testing_archs.make_granite_hybrid_model(tmp_path / "h.gguf", tokenizer=tokenizer_path,
+                                                        shape=shape))
+    if keys:
+        path.write_bytes(edit(path.read_bytes(), keys))
+    if abort_text is not None:
+        assert_refused_and_decode_aborts(path, message, abort_text)
+        return
+    r = load_and_decode(path, precheck=True)
+    assert r.returncode == 0 and message in r.stdout, (r.stdout, r.stderr[-2000:])
+    r = load_and_decode(path, precheck=False)
+    assert r.returncode == -8, (r.returncode, r.stderr[-2000:])        # SIGFPE: d_inner / 0

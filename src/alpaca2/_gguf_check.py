@@ -58,6 +58,9 @@ _TYPED_KEYS = {
 }
 
 
+# architectures whose recurrent layers are Mamba-2 mixers (src/models/mamba-base.cpp build_mamba2_layer)
+_MAMBA2_ARCHS = {"mamba2", "granitehybrid", "falcon-h1", "nemotron_h", "nemotron_h_moe"}
+
 _F32_ONLY_SUFFIXES = (b"norm.weight", b".bias", b".ssm_a", b".ssm_d", b".ssm_conv1d.weight")
 
 # i8, i16, i32, i64, f64; and q8_1, q8_K: ggml's internal activation types, not storage types
@@ -437,6 +440,21 @@ def _check_hparams(r: _Reader, kv, arch, n_layer) -> None:
         if n_rot > head_k:
             r.fail(f"{arch}.rope.dimension_count is {n_rot}, more than the head size {head_k} "
                    f"({arch}.attention.key_length, or embedding_length / head_count)")
+
+    # Mamba-2 mixers split d_inner into heads (ssm.time_step_rank) and groups: a count that does
+    # not divide it is a GGML_ASSERT when the context is made, a group count of 0 a division by
+    # zero (SIGFPE) while the tensors load
+    if arch in _MAMBA2_ARCHS:
+        d_inner = _int(kv, f"{arch}.ssm.inner_size")
+        for key in (f"{arch}.ssm.group_count", f"{arch}.ssm.time_step_rank"):
+            count = _int(kv, key)
+            if count is not None and count == 0:
+                r.fail(f"{key} is 0; a Mamba-2 mixer needs at least one")
+            if count and d_inner is not None and d_inner % count:
+                r.fail(f"{key} is {count}, which does not divide {arch}.ssm.inner_size {d_inner}")
+    if arch in _MAMBA2_ARCHS or arch in ("mamba", "jamba"):
+        if _int(kv, f"{arch}.ssm.inner_size") == 0:
+            r.fail(f"{arch}.ssm.inner_size is 0")
 
     # Mamba mixers in these hybrids support an expansion factor of 2 only (a GGML_ASSERT at load)
     if arch in ("granitehybrid", "jamba"):

@@ -101,3 +101,10 @@ def hybrid_path(model_dir, tokenizer_path):
     recurrent state)."""
     from alpaca2 import testing_archs
     return testing_archs.make_granite_hybrid_model(model_dir / "hybrid.gguf", tokenizer=tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def mamba2_path(model_dir, tokenizer_path):
+    """A tiny Mamba-2 model (4 heads, 1 group), 2 layers."""
+    from alpaca2 import testing_archs
+    return testing_archs.make_mamba2_model(model_dir / "mamba2.gguf", tokenizer=tokenizer_path)

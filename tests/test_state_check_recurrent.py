@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 import state_fuzz  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=["mamba", "hybrid"])
-def kind_model(request, mamba_path, hybrid_path):
-    m = alpaca2.Model(mamba_path if request.param == "mamba" else hybrid_path)
+@pytest.fixture(scope="module", params=["mamba", "mamba2", "hybrid"])
+def kind_model(request, mamba_path, mamba2_path, hybrid_path):
+    m = alpaca2.Model({"mamba": mamba_path, "mamba2": mamba2_path, "hybrid": hybrid_path}[request.param])
     yield request.param, m
     m.close()
 
@@ -39,8 +39,8 @@ def test_round_trip_gives_identical_logits(kind_model, n_seq_max, tmp_path):
         data = ctx.save_state()
         info = check_state(data, expectations(ctx))
         assert info["checked"] == "all" and info["seq_ids"] == list(range(n_seq_max))
-        assert info["n_states"] == n_seq_max and info["n_layer_rs"] == (2 if kind == "mamba" else 1)
-        assert info["kv_caches"] == (0 if kind == "mamba" else 1)
+        assert info["n_states"] == n_seq_max and info["n_layer_rs"] == (1 if kind == "hybrid" else 2)
+        assert info["kv_caches"] == (1 if kind == "hybrid" else 0)
         ctx.save_state_file(tmp_path / "s.bin", [1, 2, 3])
         want = []
         for seq in range(n_seq_max):
@@ -61,7 +61,7 @@ def test_expectations_name_the_memory_kind(kind_model):
     kind, model = kind_model
     with alpaca2.Context(model, n_ctx=64, n_threads=2) as ctx:
         e = expectations(ctx)
-    assert e["memory"] == ("recurrent" if kind == "mamba" else "hybrid")
+    assert e["memory"] == ("hybrid" if kind == "hybrid" else "recurrent")
     # (d_conv - 1) * (d_inner + 2 * n_group * d_state) and d_state * d_inner
     assert (e["n_embd_r"], e["n_embd_s"]) == ((3 * 64, 8 * 64) if kind == "mamba" else (3 * 80, 8 * 64))
 
@@ -124,7 +124,7 @@ def test_truncated_or_extended_states_are_refused(kind_model):
     # a hybrid's recurrent layer count is not in the metadata the check sees: its entries are
     # read to the end, so the 4 bytes read as the start of one more
     with pytest.raises(StateError, match="4 bytes after the end of the state's recurrent part"
-                       if kind == "mamba" else "too short for the row size of recurrent state entry 2"):
+                       if kind != "hybrid" else "too short for the row size of recurrent state entry 2"):
         check_state(data + b"\0" * 4, expect)
 
 
@@ -170,3 +170,24 @@ def test_the_damage_reaches_load_state_as_state_error(mamba_path):
         print("DECODED")
     """)
     assert "holds 3 recurrent states" in out and "DECODED" in out
+
+
+def test_a_state_shared_by_two_sequences_round_trips(kind_model):
+    # seq_cp on a recurrent memory makes one state belong to both sequences (a cell with two ids)
+    kind, model = kind_model
+    with alpaca2.Context(model, n_ctx=64, n_batch=32, n_threads=2, n_seq_max=2) as ctx:
+        ctx.decode(model.tokenize("hello 你好", add_bos=True), seq_id=0)
+        ctx.seq_rm(1)
+        ctx.seq_cp(0, 1)
+        data = ctx.save_state()
+        info = check_state(data, expectations(ctx))
+        assert info["seq_ids"] == [0, 1] and info["n_states"] == 1          # one cell, ids 0 and 1
+        want = []
+        for seq in (0, 1):
+            ctx.decode([9], seq_id=seq)
+            want.append(ctx.logits.copy())
+        ctx.clear()
+        ctx.load_state(data)
+        for seq in (0, 1):
+            ctx.decode([9], seq_id=seq)
+            assert np.array_equal(ctx.logits, want[seq])

@@ -1,9 +1,9 @@
 """Tiny GGUF models of architectures other than llama, for tests of what llama.cpp does with them:
-a Mamba (recurrent: its memory is a conv and an SSM state per sequence, no KV cache) and a Granite
-hybrid (Mamba-2 layers and attention layers, a KV cache and a recurrent state side by side).
+a Mamba and a Mamba-2 (recurrent: their memory is a conv and an SSM state per sequence, no KV
+cache) and a Granite hybrid (Mamba-2 layers and attention layers, a KV cache and a recurrent state side by side).
 
 Seeded random weights, the SentencePiece vocabulary of alpaca2.testing, shapes as
-src/models/mamba.cpp and src/models/granite-hybrid.cpp of the vendored llama.cpp create them (GGUF
+src/models/mamba.cpp, mamba2.cpp and granite-hybrid.cpp of the vendored llama.cpp create them (GGUF
 lists dimensions innermost first, numpy outermost first, so every shape below is reversed).  No
 numpy oracle: these models are for loading, state and metadata checks, not for logits.
 
@@ -105,6 +105,45 @@ def make_mamba_model(path, tokenizer=None, shape=None, seed=0, vocab_size=600, n
         # A = -exp(A_log) < 0, as the converter stores it
         t[p + "ssm_a"] = -np.exp(r.small(d_inner, d_state)).astype(np.float32)
         t[p + "ssm_d"] = r.norm(d_inner)
+        t[p + "ssm_out.weight"] = r.mat(n_embd, d_inner)
+    return _finish(writer, t, tmp, path)
+
+
+def make_mamba2_model(path, tokenizer=None, shape=None, seed=0, vocab_size=600, name="tiny-mamba2"):
+    """Write a Mamba-2 GGUF model at path and return the path: per layer a norm and a Mamba-2
+    mixer (heads of d_inner / n_ssm_head, n_group groups), as src/models/mamba2.cpp loads it.
+    shape overrides keys of GRANITE_HYBRID_SHAPE (n_embd, d_conv, d_state, n_ssm_head, n_group)
+    plus n_layer (default 2)."""
+    s = dict(GRANITE_HYBRID_SHAPE, n_layer=2, **(shape or {}))
+    n_embd, n_layer = s["n_embd"], s["n_layer"]
+    d_conv, d_state, n_ssm_head, n_group = s["d_conv"], s["d_state"], s["n_ssm_head"], s["n_group"]
+    d_inner = 2 * n_embd
+    conv_dim = d_inner + 2 * n_group * d_state
+    writer, tmp, path, n_vocab = _writer(path, "mamba2", tokenizer, vocab_size, name)
+    writer.add_context_length(s["n_ctx_train"])
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(n_ssm_head)
+    writer.add_ssm_group_count(n_group)
+    writer.add_layer_norm_rms_eps(1e-5)
+    r = _Random(seed)
+    t = {"token_embd.weight": r.rng.standard_normal((n_vocab, n_embd), dtype=np.float32),
+         "output_norm.weight": r.norm(n_embd), "output.weight": r.mat(n_vocab, n_embd, 2.0)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = r.norm(n_embd)
+        t[p + "ssm_in.weight"] = r.mat(d_inner + conv_dim + n_ssm_head, n_embd)
+        t[p + "ssm_conv1d.weight"] = r.mat(conv_dim, d_conv)
+        t[p + "ssm_conv1d.bias"] = r.small(conv_dim)
+        t[p + "ssm_dt.bias"] = r.small(n_ssm_head)
+        t[p + "ssm_a"] = -np.exp(r.small(n_ssm_head, 1)).astype(np.float32)
+        t[p + "ssm_d"] = r.norm(n_ssm_head, 1)
+        t[p + "ssm_norm.weight"] = r.norm(n_group, d_inner // n_group)
         t[p + "ssm_out.weight"] = r.mat(n_embd, d_inner)
     return _finish(writer, t, tmp, path)
 

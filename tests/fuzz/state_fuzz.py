@@ -1,5 +1,5 @@
-"""A seeded mutation fuzzer for saved states of recurrent (Mamba) and hybrid (Granite hybrid)
-models (issue 14).
+"""A seeded mutation fuzzer for saved states of recurrent (Mamba, Mamba-2) and hybrid (Granite
+hybrid) models (issue 14).
 
 It saves real states from tiny models (one sequence, and two sequences in a context with
 n_seq_max=2), walks their fields (alpaca2._state_check's layout), and makes mutated copies: every
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import gguf_fuzz  # noqa: E402
 
-KINDS = ("mamba", "hybrid")
+KINDS = ("mamba", "mamba2", "hybrid")
 EDGE_U32 = [0, 1, 2, 3, 255, 256, 257, 2 ** 16, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32 - 2]
 EDGE_I32 = [-1, -2, 0, 1, 2, 63, 64, 65, 2 ** 31 - 1, -2 ** 31, 2 ** 30]
 EDGE_U64 = [0, 1, 4, 2 ** 32, 2 ** 63, 2 ** 64 - 1, 2 ** 40]
@@ -37,9 +37,10 @@ def make_models(workdir):
     from alpaca2 import testing_archs
     workdir = Path(workdir)
     mamba = testing_archs.make_mamba_model(workdir / "mamba.gguf")
-    hybrid = testing_archs.make_granite_hybrid_model(workdir / "hybrid.gguf",
-                                                     tokenizer=str(workdir / "mamba.tokenizer.model"))
-    return {"mamba": mamba, "hybrid": hybrid}
+    tokenizer = str(workdir / "mamba.tokenizer.model")
+    mamba2 = testing_archs.make_mamba2_model(workdir / "mamba2.gguf", tokenizer=tokenizer)
+    hybrid = testing_archs.make_granite_hybrid_model(workdir / "hybrid.gguf", tokenizer=tokenizer)
+    return {"mamba": mamba, "mamba2": mamba2, "hybrid": hybrid}
 
 
 SAVE = r"""
@@ -119,7 +120,7 @@ def fields(data):
     field("rs s_trans", "<I")
     field("rs n_layer", "<I")
     # R rows, then S rows, of the layers that have them: as many as there are, till the end
-    n_r = 2 if arch == "mamba" else 1
+    n_r = 1 if arch == "granitehybrid" else 2
     for part in "RS":
         for il in range(n_r):
             field(f"rs {part} type {il}", "<i")

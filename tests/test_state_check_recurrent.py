@@ -191,3 +191,21 @@ def test_a_state_shared_by_two_sequences_round_trips(kind_model):
         for seq in (0, 1):
             ctx.decode([9], seq_id=seq)
             assert np.array_equal(ctx.logits, want[seq])
+
+
+def test_a_truncated_or_damaged_state_file_is_refused(kind_model, tmp_path):
+    kind, model = kind_model
+    with alpaca2.Context(model, n_ctx=64, n_batch=32, n_threads=2, n_seq_max=2) as ctx:
+        fill(ctx, model, 2)
+        ctx.save_state_file(tmp_path / "s.bin", [1, 2])
+        data = (tmp_path / "s.bin").read_bytes()
+        header = 12 + 4 * 2                      # magic, version, token count, the tokens
+        for cut in (len(data) - 1, header + 3, header + len(data) // 2):
+            (tmp_path / "t.bin").write_bytes(data[:cut])
+            with pytest.raises(StateError, match="is not a valid state file"):
+                ctx.load_state_file(tmp_path / "t.bin")
+        bad = data[:header] + set_field(data[header:], "rs cell_count", 3)
+        (tmp_path / "t.bin").write_bytes(bad)
+        with pytest.raises(StateError, match="holds 3 recurrent states"):
+            ctx.load_state_file(tmp_path / "t.bin")
+        assert ctx.load_state_file(tmp_path / "s.bin") == [1, 2]

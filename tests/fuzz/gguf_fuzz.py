@@ -773,10 +773,11 @@ def tiny_fuzz_model(path):
 
 
 def arch_fuzz_model(path, kind):
-    """A seed of another architecture: "mamba" (recurrent) or "hybrid" (Granite hybrid, Mamba-2
-    and attention layers), 600-piece vocabulary."""
+    """A seed of another architecture: "mamba" or "mamba2" (recurrent) or "hybrid" (Granite
+    hybrid, Mamba-2 and attention layers), 600-piece vocabulary."""
     from alpaca2 import testing_archs
-    make = {"mamba": testing_archs.make_mamba_model, "hybrid": testing_archs.make_granite_hybrid_model}[kind]
+    make = {"mamba": testing_archs.make_mamba_model, "mamba2": testing_archs.make_mamba2_model,
+            "hybrid": testing_archs.make_granite_hybrid_model}[kind]
     return make(path)
 
 
@@ -785,7 +786,7 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", help="seed GGUF file (default: a tiny model made here)")
-    ap.add_argument("--arch", choices=["llama", "mamba", "hybrid"], default="llama",
+    ap.add_argument("--arch", choices=["llama", "mamba", "mamba2", "hybrid"], default="llama",
                     help="the architecture of the tiny seed model made here")
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--no-precheck", action="store_true", help="skip alpaca2's pre-check")

@@ -43,7 +43,7 @@ def test_mutated_gguf_files_give_model_load_error_never_a_crash(seed_model, tmp_
     assert total["precheck"] > n // 2, total
 
 
-@pytest.mark.parametrize("kind", ["mamba", "hybrid"])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "hybrid"])
 def test_mutated_recurrent_and_hybrid_models_never_crash(tmp_path, kind):
     # their own keys (ssm.* sizes, per-layer head counts ...) and tensor types, then a decode
     seed = gguf_fuzz.arch_fuzz_model(tmp_path / f"{kind}.gguf", kind)

@@ -4,8 +4,10 @@ It takes a valid tiny model, makes mutated copies (truncations at every section 
 random offsets, flipped bytes in the header, key/value and tensor-info sections, huge counts and
 lengths, wrong types, tensor offsets past the end, duplicate keys and tensor names, and re-typed
 or out-of-range values of the keys llama.cpp reads: counts, enums, token ids, flags, floats,
-arrays of other lengths, dropped keys, the expert keys together) and loads each in a worker
-process.  Every
+arrays of other lengths, dropped keys, the expert keys together; the seed architecture's own
+keys such as ssm.* sizes and per-layer head counts; tensors stored in another type) and loads each
+in a worker process.  The seed is a llama model, or with --arch a Mamba, Mamba-2 or Granite-hybrid
+one.  Every
 case must end in ModelLoadError or a successful load: a signal, a hang past the timeout or any
 other exception is a failure.  A worker runs many cases in a row (a Python start costs more than a
 load); when one dies, the case it was on is the culprit and a fresh worker goes on.
@@ -13,6 +15,7 @@ load); when one dies, the case it was on is the culprit and a fresh worker goes 
     python tests/fuzz/gguf_fuzz.py --cases 5000 --seed 1          # a longer run
     python tests/fuzz/gguf_fuzz.py --cases 2000 --no-precheck     # what llama.cpp alone does
     python tests/fuzz/gguf_fuzz.py --save-failures DIR            # keep the files that failed
+    python tests/fuzz/gguf_fuzz.py --arch hybrid --use --category arch_metadata --category retype
 """
 from __future__ import annotations
 

@@ -86,3 +86,25 @@ def run_case(code, timeout=120):
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     assert "NO EXCEPTION" not in r.stdout, r.stdout
     return r.stdout
+
+
+@pytest.fixture(scope="session")
+def mamba_path(model_dir, tokenizer_path):
+    """A tiny Mamba model (recurrent memory: conv and SSM states, no KV cache), 2 layers."""
+    from alpaca2 import testing_archs
+    return testing_archs.make_mamba_model(model_dir / "mamba.gguf", tokenizer=tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def hybrid_path(model_dir, tokenizer_path):
+    """A tiny Granite hybrid model: layer 0 Mamba-2, layer 1 attention (a KV cache and a
+    recurrent state)."""
+    from alpaca2 import testing_archs
+    return testing_archs.make_granite_hybrid_model(model_dir / "hybrid.gguf", tokenizer=tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def mamba2_path(model_dir, tokenizer_path):
+    """A tiny Mamba-2 model (4 heads, 1 group), 2 layers."""
+    from alpaca2 import testing_archs
+    return testing_archs.make_mamba2_model(model_dir / "mamba2.gguf", tokenizer=tokenizer_path)

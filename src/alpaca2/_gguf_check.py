@@ -58,6 +58,11 @@ _TYPED_KEYS = {
 }
 
 
+# architectures whose recurrent layers are Mamba-2 mixers (src/models/mamba-base.cpp build_mamba2_layer)
+_MAMBA2_ARCHS = {"mamba2", "granitehybrid", "falcon-h1", "nemotron_h", "nemotron_h_moe"}
+
+_F32_ONLY_SUFFIXES = (b"norm.weight", b".bias", b".ssm_a", b".ssm_d", b".ssm_conv1d.weight")
+
 # i8, i16, i32, i64, f64; and q8_1, q8_K: ggml's internal activation types, not storage types
 _NOT_WEIGHT_TYPES = {24, 25, 26, 27, 28, 9, 15}
 
@@ -277,6 +282,11 @@ def _validate(r: _Reader) -> None:
         # such a weight and then crashes (SIGSEGV, or an abort in the scheduler) at the first decode
         if ggml_type in _NOT_WEIGHT_TYPES and name_raw.endswith((b".weight", b".bias")):
             r.fail(f"tensor '{name}' is of type {type_name}, which llama.cpp cannot compute with")
+        # norms, biases and the Mamba mixer's conv/A/D enter element-wise ops (ggml_mul, ggml_add,
+        # ssm_conv, ssm_scan) with f32 activations; ggml's CPU kernels abort on any other type
+        if ggml_type != 0 and name_raw.endswith(_F32_ONLY_SUFFIXES):
+            r.fail(f"tensor '{name}' is of type {type_name}; llama.cpp computes with norms, biases "
+                   "and SSM conv/A/D tensors in f32 only (another type aborts the first decode)")
         row = ne[0] if ne else 1
         if row % block:
             r.fail(f"tensor '{name}' of type {type_name} has rows of {row} elements, not a "
@@ -413,6 +423,45 @@ def _check_hparams(r: _Reader, kv, arch, n_layer) -> None:
     elif used or groups:
         r.fail(f"{arch}.expert_used_count/expert_group_count are {used}/{groups}, but the model "
                "has no experts")
+
+    # ggml's rope asserts n_dims <= ne0 (the head size) and n_dims even, at the first decode;
+    # llama.cpp checks n_rot against the head size for llama-like archs only
+    n_embd = _int(kv, f"{arch}.embedding_length")
+    n_head = _int(kv, f"{arch}.attention.head_count")
+    n_rot = _int(kv, f"{arch}.rope.dimension_count")
+    if n_rot is not None and n_head and n_embd is not None:
+        head_k = _int(kv, f"{arch}.attention.key_length", n_embd // n_head)
+        if n_rot == 0:
+            r.fail(f"{arch}.rope.dimension_count is 0 in a model with attention heads; llama.cpp's "
+                   "rope then never finishes the first decode")
+        if n_rot % 2:
+            r.fail(f"{arch}.rope.dimension_count is {n_rot}; rotary dimensions come in pairs (an "
+                   "even number)")
+        if n_rot > head_k:
+            r.fail(f"{arch}.rope.dimension_count is {n_rot}, more than the head size {head_k} "
+                   f"({arch}.attention.key_length, or embedding_length / head_count)")
+
+    # Mamba-2 mixers split d_inner into heads (ssm.time_step_rank) and groups: a count that does
+    # not divide it is a GGML_ASSERT when the context is made, a group count of 0 a division by
+    # zero (SIGFPE) while the tensors load
+    if arch in _MAMBA2_ARCHS:
+        d_inner = _int(kv, f"{arch}.ssm.inner_size")
+        for key in (f"{arch}.ssm.group_count", f"{arch}.ssm.time_step_rank"):
+            count = _int(kv, key)
+            if count is not None and count == 0:
+                r.fail(f"{key} is 0; a Mamba-2 mixer needs at least one")
+            if count and d_inner is not None and d_inner % count:
+                r.fail(f"{key} is {count}, which does not divide {arch}.ssm.inner_size {d_inner}")
+    if arch in _MAMBA2_ARCHS or arch in ("mamba", "jamba"):
+        if _int(kv, f"{arch}.ssm.inner_size") == 0:
+            r.fail(f"{arch}.ssm.inner_size is 0")
+
+    # Mamba mixers in these hybrids support an expansion factor of 2 only (a GGML_ASSERT at load)
+    if arch in ("granitehybrid", "jamba"):
+        d_inner = _int(kv, f"{arch}.ssm.inner_size")
+        if d_inner is not None and n_embd is not None and d_inner != 2 * n_embd:
+            r.fail(f"{arch}.ssm.inner_size is {d_inner}, but llama.cpp supports only 2 x "
+                   f"{arch}.embedding_length ({2 * n_embd})")
 
     scaling = kv.get(f"{arch}.rope.scaling.type")
     if scaling is not None and scaling[0] == GGUF_TYPE_STRING and \

@@ -21,6 +21,18 @@ state_write/state_write_meta/state_write_data; all little-endian):
         v_trans == 1:     per layer: i32 v_type, u32 v_elem_size, u32 n_embd_v_gqa,
                           n_embd_v_gqa * cell_count * v_elem_size bytes
 
+A recurrent model (Mamba, RWKV) keeps, instead of a KV cache, one conv state (R) and one SSM/WKV
+state (S) per sequence (src/llama-memory-recurrent.cpp state_write/state_write_meta/state_write_data):
+
+    u32 cell_count        used states, at most max(1, n_seq_max)
+    per cell              i32 pos, u32 n_seq_id, i32 seq_id * n_seq_id
+    u32 s_trans (0), u32 n_layer (all the model's layers)
+    per recurrent layer   i32 r_type, u64 r_row_size, r_row_size * cell_count bytes
+    per recurrent layer   i32 s_type, u64 s_row_size, s_row_size * cell_count bytes
+
+A hybrid model (Granite hybrid, Jamba, Falcon-H1, Qwen3-Next ..., src/llama-memory-hybrid.cpp)
+writes its attention layers' KV cache (one, as above) and then the recurrent part.
+
 The state holds no logits: after a load, a decode must come before sampling (check_state reports
 has_logits False and n_outputs 0).  A state file (llama_state_save_file) is
 
@@ -54,9 +66,23 @@ _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
 
 # metadata keys of models whose memory is not (only) a KV cache: recurrent (Mamba, RWKV) and
-# hybrid models, and MLA models whose cache may lack V.  Their states get the header check only.
+# hybrid models, and MLA models whose cache may lack V.  Their states get the header check only,
+# unless their architecture is one of the two below.
 _OTHER_MEMORY_KEYS = (".ssm.", ".wkv.", ".shortconv.", ".attention.kv_lora_rank",
                       ".time_mix_extra_dim", ".token_shift_count")
+# llm_arch_is_recurrent(): a llama_memory_recurrent alone
+RECURRENT_ARCHS = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
+# llm_arch_is_hybrid() archs that llama_model::create_memory gives a plain llama_memory_hybrid
+# (one KV cache, then the recurrent part) when they have no sliding window; the others
+# (hybrid-iswa, hybrid-idx, their own cache types) keep the header check
+HYBRID_ARCHS = {"jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h",
+                "nemotron_h_moe", "qwen3next", "kimi-linear", "bailingmoe3", "kimi-k3", "qwen35",
+                "qwen35moe", "minimax-01"}
+# the Mamba-family archs whose recurrent row sizes follow from the ssm.* keys (n_embd_r, n_embd_s
+# of src/llama-hparams.cpp), and the hybrids whose every layer is attention or Mamba, not both
+_SSM_ARCHS = {"mamba", "mamba2", "granitehybrid", "jamba"}
+_SPLIT_ARCHS = {"granitehybrid", "jamba"}
+RS_TYPES = (0,)                         # create_memory makes the R and S states f32
 
 
 def _int(meta, key):
@@ -73,7 +99,8 @@ def expectations(ctx, **overrides) -> dict:
     (e.g. type_k="f16" where the Context does not say).
 
     arch, n_ctx, n_seq_max, n_stream, n_layer, n_layer_kv, n_vocab, n_embd_k_gqa, n_embd_v_gqa, type_k, type_v,
-    v_trans, memory ("kv": checked field by field; "other": the header only)
+    v_trans, memory ("kv", "recurrent", "hybrid": checked field by field; "other": the header only),
+    n_layer_rs, n_embd_r, n_embd_s, layers_split (the recurrent part's layers and row sizes)
     """
     model = ctx.model
     meta = model.metadata
@@ -105,10 +132,38 @@ def expectations(ctx, **overrides) -> dict:
         "v_trans": None if flash_attn not in (True, False) else not flash_attn,
         "memory": "other" if any(part in key for key in meta for part in _OTHER_MEMORY_KEYS) else "kv",
     }
+    out.update(_memory_expectations(meta, arch, n_layer, out["memory"]))
+    if out["memory"] == "hybrid":
+        # the attention layers are those with n_head_kv > 0, a metadata array that Model.metadata
+        # does not show: their count and KV width are left to the walk and to llama.cpp
+        out.update(n_layer_kv=None, n_embd_k_gqa=None, n_embd_v_gqa=None)
     unknown = set(overrides) - set(out)
     if unknown:
         raise TypeError(f"unknown expectation(s): {sorted(unknown)}")
     out.update(overrides)
+    return out
+
+
+def _memory_expectations(meta, arch, n_layer, memory):
+    """memory ("kv", "recurrent", "hybrid" or "other") and what the recurrent part must hold:
+    n_layer_rs (layers with a recurrent state), n_embd_r and n_embd_s (f32 elements per state
+    row), layers_split (every layer is either attention or recurrent).  None: not checked."""
+    out = {"memory": memory, "n_layer_rs": None, "n_embd_r": None, "n_embd_s": None,
+           "layers_split": arch in _SPLIT_ARCHS}
+    if arch in RECURRENT_ARCHS:
+        out["memory"] = "recurrent"
+        out["n_layer_rs"] = n_layer
+    elif arch in HYBRID_ARCHS:
+        # with a sliding window llama.cpp makes a hybrid-iswa memory: two KV caches, unchecked
+        out["memory"] = "other" if f"{arch}.attention.sliding_window" in meta else "hybrid"
+    if out["memory"] in ("recurrent", "hybrid") and arch in _SSM_ARCHS:
+        d_conv = _int(meta, f"{arch}.ssm.conv_kernel")
+        d_inner = _int(meta, f"{arch}.ssm.inner_size")
+        d_state = _int(meta, f"{arch}.ssm.state_size")
+        n_group = _int(meta, f"{arch}.ssm.group_count") or 0
+        if None not in (d_conv, d_inner, d_state):
+            out["n_embd_r"] = max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state)
+            out["n_embd_s"] = d_state * d_inner
     return out
 
 
@@ -332,10 +387,21 @@ def _walk(w, expect, single=False) -> dict:
     info = {"arch": arch, "size": w.size, "n_cells": 0, "n_streams": 0, "n_layer": 0, "type_k": None,
             "type_v": None, "v_trans": None, "max_pos": -1, "seq_ids": set(), "kv_caches": 0,
             "n_outputs": 0, "has_logits": False, "checked": "header"}
-    if expect.get("memory", "kv") == "kv" and w.left() == 0:
-        w.fail(f"the state ends after the model architecture's name ({w.size} bytes): its KV "
-               "cache is missing (truncated)")
-    if expect.get("memory", "kv") != "kv":
+    memory = expect.get("memory", "kv")
+    if memory in ("kv", "recurrent", "hybrid") and w.left() == 0:
+        w.fail(f"the state ends after the model architecture's name ({w.size} bytes): its "
+               f"{'KV cache' if memory != 'recurrent' else 'recurrent state'} is missing (truncated)")
+    if memory == "recurrent":
+        _check_recurrent(w, expect, info)
+        if w.left():
+            w.fail(f"{w.left()} bytes after the end of the state's recurrent part (a damaged or "
+                   "concatenated state)")
+        info["seq_ids"] = sorted(info["seq_ids"])
+        info["checked"] = "all"
+        return info
+    if memory == "hybrid":
+        return _walk_hybrid(w, expect, info)
+    if memory != "kv":
         info["seq_ids"] = sorted(info["seq_ids"])
         return info
     return _walk_caches(w, expect, info)
@@ -372,6 +438,124 @@ def _walk_caches(w, expect, info) -> dict:
             continue
         trial["seq_ids"] = sorted(trial["seq_ids"])
         trial.pop("single", None)
+        trial["checked"] = "all"
+        trial["cell_ext"] = ext
+        return trial
+    raise first_error
+
+
+def _check_recurrent(w, expect, info):
+    """The recurrent part (llama_memory_recurrent::state_write): cells, then the R and S rows."""
+    n_seq_max = expect.get("n_seq_max")
+    n_ctx = expect.get("n_ctx")
+    size = max(1, n_seq_max) if n_seq_max is not None else LLAMA_MAX_SEQ
+    cell_count = w.u32("the recurrent state count")
+    if cell_count > size:
+        w.fail(f"the state holds {cell_count} recurrent states, this context has room for {size} "
+               f"(one per sequence, n_seq_max {n_seq_max}): load it into a context with a larger "
+               "n_seq_max")
+    w.need(cell_count * 12, f"the metadata of {cell_count} recurrent states")
+    owner = {}                                  # sequence -> the state that holds it
+    for i in range(cell_count):
+        pos = w.i32(f"the position of recurrent state {i}")
+        n_seq_id = w.u32(f"the sequence count of recurrent state {i}")
+        if n_seq_id == 0:
+            w.fail(f"recurrent state {i} belongs to no sequence (a saved state has one at least)")
+        if n_seq_id > size:
+            w.fail(f"recurrent state {i} belongs to {n_seq_id} sequences, more than this context's "
+                   f"n_seq_max {n_seq_max}")
+        for j in range(n_seq_id):
+            seq = w.i32(f"sequence id {j} of recurrent state {i}")
+            if not 0 <= seq < size:
+                w.fail(f"recurrent state {i} belongs to sequence {seq}, outside this context's "
+                       f"0..{size - 1} (saved from a context with more sequences?)")
+            if seq in owner:
+                w.fail(f"sequence {seq} has two recurrent states ({owner[seq]} and {i}): a damaged state")
+            owner[seq] = i
+        if pos < 0:
+            w.fail(f"recurrent state {i} has position {pos}, below 0")
+        if n_ctx is not None and pos >= n_ctx:
+            w.fail(f"the state was saved from a context with a larger n_ctx (it holds position "
+                   f"{pos}), this one has n_ctx {n_ctx}")
+        info["max_pos"] = max(info["max_pos"], pos)
+    info["seq_ids"].update(owner)
+    info["n_states"] = cell_count
+    s_trans = w.u32("the S layout of the recurrent state")
+    if s_trans != 0:
+        w.fail(f"the recurrent state's S layout flag is {s_trans}; llama.cpp writes and reads 0 only")
+    n_layer = w.u32("the layer count of the recurrent state")
+    want_layers = expect.get("n_layer")
+    if n_layer == 0 or (want_layers is not None and n_layer != want_layers):
+        w.fail(f"the state's recurrent part has {n_layer} layers, this model has {want_layers}: a "
+               "state of another model")
+    # R rows of the recurrent layers, then their S rows: each entry i32 type, u64 row size, data.
+    # How many layers are recurrent is known for pure recurrent models (all); for hybrids it is
+    # in a metadata array this check does not see, so the entries are read till the end and split.
+    n_rs = expect.get("n_layer_rs")
+    rows = []
+    while w.left() > 0 and (n_rs is None or len(rows) < 2 * n_rs):
+        what = f"recurrent state entry {len(rows)}"
+        type_id = w.i32(f"the type of {what}")
+        if type_id not in RS_TYPES:
+            name = GGML_TYPES[type_id][0] if type_id in GGML_TYPES else f"{type_id}, not a ggml type"
+            w.fail(f"{what} has type {name}; llama.cpp keeps recurrent states in f32")
+        row = w.u64(f"the row size of {what}")
+        if row % 4:
+            w.fail(f"the rows of {what} are {row} bytes, not a whole number of f32")
+        # the first entry is an R row; with the layer count known, every entry's part is known
+        if n_rs is not None or not rows:
+            _check_rs_row(w, expect, "R (conv)" if len(rows) < (n_rs or 1) else "S (SSM)",
+                          len(rows) if len(rows) < (n_rs or 1) else len(rows) - n_rs, row)
+        w.skip(row * cell_count, f"the data of {what} ({cell_count} rows of {row} bytes)")
+        rows.append(row)
+    k = len(rows)
+    if n_rs is not None and k < 2 * n_rs:
+        w.need(12, f"the R and S states of {n_rs} recurrent layers (the state has {k} of {2 * n_rs})")
+    if k == 0 or k % 2 or k > 2 * n_layer:
+        w.fail(f"the state's recurrent part has {k} R/S entries; {n_layer} layers have an even "
+               f"number from 2 to {2 * n_layer}")
+    for part, half in (("R (conv)", rows[:k // 2]), ("S (SSM)", rows[k // 2:])):
+        for il, row in enumerate(half):
+            _check_rs_row(w, expect, part, il, row)
+    info["n_layer_rs"] = k // 2
+
+
+def _check_rs_row(w, expect, part, il, row):
+    want = expect.get("n_embd_r" if part.startswith("R") else "n_embd_s")
+    if want is not None and row != want * 4:
+        w.fail(f"the {part} rows of recurrent layer {il} are {row} bytes, this model's are "
+               f"{want * 4} ({want} x f32): a state of another model")
+
+
+def _walk_hybrid(w, expect, info):
+    """A hybrid model's state: the attention layers' KV cache, then the recurrent part."""
+    start = w.pos
+    first_error = None
+    for ext in (False, True):           # cells carry a 12-byte extension on M-RoPE models
+        w.pos = start
+        trial = dict(info, seq_ids=set())
+        try:
+            _check_kv_cache(w, expect, trial, 0, ext)
+            want_layers = expect.get("n_layer_kv")
+            if want_layers is not None and trial["n_layer"] not in (0, want_layers):
+                w.fail(f"the state's KV cache has {trial['n_layer']} layers, this model has "
+                       f"{want_layers} attention layers: a state of another model")
+            trial["kv_caches"] = 1
+            kv_seqs = set(trial["seq_ids"])
+            trial["seq_ids"] = set()
+            _check_recurrent(w, expect, trial)
+            n_layer = expect.get("n_layer")
+            if expect.get("layers_split") and n_layer is not None and trial["n_layer"] and \
+                    trial["n_layer"] + trial["n_layer_rs"] != n_layer:
+                w.fail(f"the state has {trial['n_layer']} attention and {trial['n_layer_rs']} "
+                       f"recurrent layers, this model has {n_layer} layers in all: a state of another model")
+            if w.left():
+                w.fail(f"{w.left()} bytes after the end of the state's recurrent part (a damaged "
+                       "or concatenated state)")
+        except StateError as e:
+            first_error = first_error or e
+            continue
+        trial["seq_ids"] = sorted(kv_seqs | trial["seq_ids"])
         trial["checked"] = "all"
         trial["cell_ext"] = ext
         return trial

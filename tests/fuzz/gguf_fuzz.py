@@ -4,8 +4,10 @@ It takes a valid tiny model, makes mutated copies (truncations at every section 
 random offsets, flipped bytes in the header, key/value and tensor-info sections, huge counts and
 lengths, wrong types, tensor offsets past the end, duplicate keys and tensor names, and re-typed
 or out-of-range values of the keys llama.cpp reads: counts, enums, token ids, flags, floats,
-arrays of other lengths, dropped keys, the expert keys together) and loads each in a worker
-process.  Every
+arrays of other lengths, dropped keys, the expert keys together; the seed architecture's own
+keys such as ssm.* sizes and per-layer head counts; tensors stored in another type) and loads each
+in a worker process.  The seed is a llama model, or with --arch a Mamba, Mamba-2 or Granite-hybrid
+one.  Every
 case must end in ModelLoadError or a successful load: a signal, a hang past the timeout or any
 other exception is a failure.  A worker runs many cases in a row (a Python start costs more than a
 load); when one dies, the case it was on is the culprit and a fresh worker goes on.
@@ -13,6 +15,7 @@ load); when one dies, the case it was on is the culprit and a fresh worker goes 
     python tests/fuzz/gguf_fuzz.py --cases 5000 --seed 1          # a longer run
     python tests/fuzz/gguf_fuzz.py --cases 2000 --no-precheck     # what llama.cpp alone does
     python tests/fuzz/gguf_fuzz.py --save-failures DIR            # keep the files that failed
+    python tests/fuzz/gguf_fuzz.py --arch hybrid --use --category arch_metadata --category retype
 """
 from __future__ import annotations
 
@@ -493,12 +496,111 @@ def m_experts(lay, rng):
                build(list(new.values()), tis, blob, lay.alignment))
 
 
+def retype(data, name, ggml_type):
+    """data with tensor name stored as ggml_type, the data offsets recomputed (a consistent file:
+    the other tensors keep their bytes, this one reads the first bytes of its old data)."""
+    from alpaca2._gguf_check import GGML_TYPES
+    lay = Layout(data)
+    kvs, tis, blob = lay.header_and_blob()
+    records, offset = [], 0
+    for t, rec in zip(lay.tensors, tis):
+        ty = ggml_type if t["name"] == name else t["ggml_type"]
+        n = 1
+        for d in t["ne"]:
+            n *= d
+        _, block, size = GGML_TYPES[ty]
+        records.append(rec[:t["type_off"] - t["start"]] + struct.pack("<iQ", ty, offset))
+        offset += (n // block * size + lay.alignment - 1) // lay.alignment * lay.alignment
+    return build(kvs, records, blob, lay.alignment)
+
+
+def m_retype(lay, rng):
+    """A tensor stored as another (storage) type, the file kept consistent."""
+    while True:
+        t = rng.choice(lay.tensors)
+        ty = rng.choice([0, 1, 30, 8, 2, 12, 14])
+        block = {0: 1, 1: 1, 30: 1, 8: 32, 2: 32, 12: 256, 14: 256}[ty]
+        if t["ne"][0] % block or ty == t["ggml_type"]:
+            ty = rng.choice([1, 30])
+        yield f"{t['name']} stored as type {ty}", retype(lay.data, t["name"], ty)
+
+
+# Keys of the recurrent and hybrid architectures (src/models/mamba.cpp, granite-hybrid.cpp and
+# load_hparams), under the seed's own architecture prefix: counts and sizes that size tensors or
+# the recurrent state, per-layer arrays, flags.
+ARCH_COUNTS = ["ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank",
+               "ssm.group_count", "embedding_length", "block_count", "feed_forward_length",
+               "attention.head_count", "attention.head_count_kv", "context_length",
+               "rope.dimension_count", "attention.key_length", "attention.value_length",
+               "expert_count", "expert_used_count", "expert_shared_feed_forward_length",
+               "attention.sliding_window", "embedding_length_out"]
+ARCH_PER_LAYER = ["attention.head_count_kv", "attention.head_count", "feed_forward_length",
+                  "expert_used_count"]
+ARCH_FLAGS = ["ssm.dt_b_c_rms", "rope.scaling.finetuned", "attention.causal"]
+ARCH_FLOATS = ["embedding_scale", "residual_scale", "logit_scale", "attention.scale",
+               "attention.layer_norm_rms_epsilon", "rope.freq_base"]
+
+
+def _arch(lay):
+    kv = lay.kv("general.architecture")
+    return lay.data[kv["type_off"] + 12:kv["end"]].decode()
+
+
+def m_arch_metadata(lay, rng):
+    """The seed architecture's own keys (ssm.* sizes, head counts, per-layer arrays of every
+    length, flags, scales) at edge values, re-typed or dropped, one to three at a time."""
+    kvs, tis, blob = lay.header_and_blob()
+    keys = [kv["key"] for kv in lay.kvs]
+    arch = _arch(lay)
+    n_layer = next((struct.unpack_from("<I", lay.data, kv["type_off"] + 4)[0] for kv in lay.kvs
+                    if kv["key"] == f"{arch}.block_count"), 2)
+    while True:
+        records = dict(zip(keys, kvs))
+        labels = []
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            r = rng.random()
+            if r < 0.5:
+                key = f"{arch}.{rng.choice(ARCH_COUNTS)}"
+                vtype = rng.choice([U32] * 6 + [I32, U64, STR, F32])
+                value = _encode(vtype, rng.choice(COUNT_VALUES + [4, 5, 6, 16, 32, 63, 64, 65, 128, 256]))
+                records[key] = kv_record(key, vtype, value)
+                labels.append(f"{key} = {vtype}:{value!r}")
+            elif r < 0.75:
+                key = f"{arch}.{rng.choice(ARCH_PER_LAYER)}"
+                n = rng.choice([0, 1, n_layer - 1, n_layer, n_layer, n_layer, n_layer + 1, 513])
+                pick = [0, 0, 1, 2, 3, 4, 8, 64, 2 ** 16, 2 ** 31, 2 ** 32 - 1]
+                value = [rng.choice(pick) for _ in range(n)]
+                etype = rng.choice([U32, U32, I32, U8, F32])
+                if etype == F32:
+                    value = [float(v) for v in value]
+                elif etype != U32:
+                    value = [_encode(etype, v) for v in value]
+                records[key] = kv_record(key, ARR, value, etype)
+                labels.append(f"{key} = {etype}{value[:8]}{'...' if n > 8 else ''}")
+            elif r < 0.83:
+                key = f"{arch}.{rng.choice(ARCH_FLAGS)}"
+                value = rng.choice([0, 1, 2, -1])
+                records[key] = kv_record(key, BOOL, value)
+                labels.append(f"{key} = bool:{value}")
+            elif r < 0.92:
+                key = f"{arch}.{rng.choice(ARCH_FLOATS)}"
+                value = rng.choice(FLOAT_VALUES)
+                records[key] = kv_record(key, F32, value)
+                labels.append(f"{key} = f32:{value}")
+            else:
+                key = rng.choice([k for k in keys if k.startswith(arch + ".")])
+                records.pop(key, None)
+                labels.append(f"remove {key}")
+        yield "; ".join(labels), build(list(records.values()), tis, blob, lay.alignment)
+
+
 CATEGORIES = {
     "truncate_boundary": m_truncate_boundary, "truncate_random": m_truncate_random,
     "flip_header": m_flip_header, "flip_kv": m_flip_kv, "flip_tensor_info": m_flip_tensor_info,
     "huge": m_huge, "wrong_type": m_wrong_type, "tensor_offset": m_tensor_offset,
     "duplicate": m_duplicate, "semantic": m_semantic, "tensor_shape": m_tensor_shape,
-    "metadata": m_metadata, "experts": m_experts,
+    "metadata": m_metadata, "experts": m_experts, "arch_metadata": m_arch_metadata,
+    "retype": m_retype,
 }
 
 
@@ -563,8 +665,8 @@ for line in sys.stdin:
 class _Worker:
     """A worker process and a line reader on its stdout that honours a timeout."""
 
-    def __init__(self, env):
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+    def __init__(self, env, code=WORKER, args=()):
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self.buf = b""
 
@@ -673,11 +775,22 @@ def tiny_fuzz_model(path):
                                                n_ctx_train=256), vocab_size=600)
 
 
+def arch_fuzz_model(path, kind):
+    """A seed of another architecture: "mamba" or "mamba2" (recurrent) or "hybrid" (Granite
+    hybrid, Mamba-2 and attention layers), 600-piece vocabulary."""
+    from alpaca2 import testing_archs
+    make = {"mamba": testing_archs.make_mamba_model, "mamba2": testing_archs.make_mamba2_model,
+            "hybrid": testing_archs.make_granite_hybrid_model}[kind]
+    return make(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", help="seed GGUF file (default: a tiny model made here)")
+    ap.add_argument("--arch", choices=["llama", "mamba", "mamba2", "hybrid"], default="llama",
+                    help="the architecture of the tiny seed model made here")
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--no-precheck", action="store_true", help="skip alpaca2's pre-check")
     ap.add_argument("--precheck-from", metavar="FILE",
@@ -687,7 +800,8 @@ def main(argv=None):
     ap.add_argument("--save-failures", metavar="DIR")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or tiny_fuzz_model(Path(tmp) / "seed.gguf")
+        model = args.model or (tiny_fuzz_model(Path(tmp) / "seed.gguf") if args.arch == "llama"
+                               else arch_fuzz_model(Path(tmp) / "seed.gguf", args.arch))
         data = Path(model).read_bytes()
         t0 = time.monotonic()
         results = run_cases(cases(data, args.cases, args.seed, args.category), tmp, args.timeout,

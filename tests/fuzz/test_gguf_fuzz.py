@@ -41,3 +41,17 @@ def test_mutated_gguf_files_give_model_load_error_never_a_crash(seed_model, tmp_
     assert not bad, bad[:10]
     # most mutations break the file, and the pre-check is what catches most of them
     assert total["precheck"] > n // 2, total
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "hybrid"])
+def test_mutated_recurrent_and_hybrid_models_never_crash(tmp_path, kind):
+    # their own keys (ssm.* sizes, per-layer head counts ...) and tensor types, then a decode
+    seed = gguf_fuzz.arch_fuzz_model(tmp_path / f"{kind}.gguf", kind)
+    data = open(seed, "rb").read()
+    n = max(N_CASES // 2, 60)
+    results = gguf_fuzz.run_cases(gguf_fuzz.cases(data, n, SEED, ["arch_metadata", "retype", "tensor_shape"]),
+                                  tmp_path, timeout=60, use=True)
+    bad = [r for r in results if r[2] not in ("loaded", "precheck", "llama")]
+    assert not bad, bad[:10]
+    by_cat, total = gguf_fuzz.summary(results)
+    assert total["precheck"] > 0 and total["loaded"] > 0, total

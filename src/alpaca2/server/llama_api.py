@@ -145,6 +145,8 @@ class LlamaRoutes:
 
     async def apply_template(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)
+        if self.uses_formatter(body):     # as llama-server: the template's text, tools and all
+            return self._json({"prompt": (await self.render(body))["prompt"]})
         messages = self.messages_of(body)
         try:
             ids = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)

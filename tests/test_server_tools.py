@@ -131,6 +131,13 @@ def test_tool_results_go_back_to_the_model(server, force):
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_request_grammar_applies_without_tools(server):
+    """No tools: the template has no grammar of its own, the request's grammar constrains the answer."""
+    r = server.client().chat.completions.create(model="m", messages=ASK, max_tokens=8,
+                                                extra_body={"grammar": 'root ::= "b"{5,5}'})
+    assert r.choices[0].message.content == "bbbbb"
+
+
 def test_user_text_is_not_special(server, tools_path):
     """The template's markup may be special tokens; what a user types never is: "</s>" in a
     message stays text (llama-server would make it the EOS token)."""
@@ -142,7 +149,7 @@ def test_user_text_is_not_special(server, tools_path):
     prompt = r.json()["__verbose"]["prompt"]
     assert "hi </s> there" in prompt
     with alpaca2.Model(tools_path) as m:
-        parsed = m.tokenize(prompt, add_bos=True, special=True)
+        parsed = m.tokenize(prompt, add_bos=False, special=True)     # the prompt shows its BOS
         assert m.eos in parsed                       # parsed for special tokens, the text would hold EOS
         assert n > len(parsed)                       # the server's ids spell "</s>" as text instead
     r = httpx.post(server.url + "/v1/chat/completions/input_tokens", timeout=60, json={"messages": messages})
@@ -162,6 +169,8 @@ def test_user_text_is_not_special(server, tools_path):
     ({"chat_template_kwargs": ["x"]}, "chat_template_kwargs"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "a\x00b"}]}, "messages"),
+    ({"messages": ASK + [{"role": "assistant", "content": "It is"}], "continue_final_message": True},
+     "continue_final_message"),
 ])
 def test_bad_tool_requests_are_400(server, body, param):
     r = httpx.post(server.url + "/v1/chat/completions", json=dict({"messages": ASK, "max_tokens": 2}, **body),

@@ -63,8 +63,8 @@ def to_openai(body) -> dict:
     """An Anthropic Messages request as an OpenAI chat request (llama-server's conversion; a named
     tool_choice stays named)."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty list", "messages")
+    if not isinstance(messages, list):      # empty is allowed, as llama-server: the template's start only
+        raise bad("'messages' must be a list", "messages")
     out = []
     if body.get("system") is not None:
         out.append({"role": "system", "content": _text_of(body["system"], "system")})
@@ -137,8 +137,8 @@ class AnthropicRoutes:
 
     def _anthropic_messages(self, body):
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad("'messages' must be a non-empty list", "messages")
+        if not isinstance(messages, list):
+            raise bad("'messages' must be a list", "messages")
         out = []
         system = body.get("system")
         if system is not None:
@@ -147,17 +147,20 @@ class AnthropicRoutes:
             if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
                 raise bad(f"messages[{i}]: role must be user or assistant", "messages")
             out.append({"role": m["role"], "content": _text_of(m.get("content", ""), f"messages[{i}]")})
-        return self.messages_of({"messages": out})
+        return self.messages_of({"messages": out}) if out else []
 
     async def _anthropic_tokens(self, body):
         oai = to_openai(body)
         if self.uses_formatter(oai):
-            return (await self.render(oai))["prompt_tokens"]
+            return (await self.render(oai, allow_empty=True))["prompt_tokens"]
         messages = self._anthropic_messages(body)
         try:
-            return await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
+            tokens = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
         except (ValueError, RuntimeError, Alpaca2Error) as e:
             raise bad(f"cannot format these messages: {e}", "messages") from None
+        if not tokens:
+            raise bad("the prompt is empty: give at least one message", "messages")
+        return tokens
 
     async def count_tokens(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)
@@ -232,7 +235,9 @@ class AnthropicRoutes:
     async def formatter_messages_answer(self, request, body, oai):
         """/v1/messages rendered by the Jinja formatter: tool calls come back as tool_use blocks."""
         number(body, "max_tokens", 1, 1 << 31, integer=True)
-        res = await self.render(oai)
+        res = await self.render(oai, allow_empty=True)
+        if not res["prompt_tokens"]:
+            raise bad("the prompt is empty: give at least one message", "messages")
         jobs = self.formatter_jobs(oai, res, 1, 0)
         job = jobs[0]
         self.submit(jobs)

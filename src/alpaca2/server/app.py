@@ -50,7 +50,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
                  max_body=1 << 20, max_tokens_limit=None, n_predict=-1, sampling=None, seed=None,
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
                  slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=(),
-                 formatter=None, reasoning_format="deepseek", chat_template_kwargs=None):
+                 formatter=None, reasoning_format="deepseek", chat_template_kwargs=None, verbose=False):
         self.model = model
         self.engine = engine
         self.model_id = model_id
@@ -62,6 +62,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
         self.formatter = formatter or getattr(self.template, "formatter", None)
         self.reasoning_format = reasoning_format
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.verbose = verbose          # answers carry llama-server's __verbose (the prompt), as with its -v
         self.enable_thinking = bool(self.formatter is not None and self.formatter.supports_thinking)
         if isinstance(api_keys, str):
             api_keys = [api_keys]
@@ -287,7 +288,7 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout,
                      aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
                      formatter=formatter, reasoning_format=args.reasoning_format,
-                     chat_template_kwargs=args.template_kwargs)
+                     chat_template_kwargs=args.template_kwargs, verbose=args.verbose)
         socks = [_listen_socket(h, args.port) for h in hosts]
         host, port = socks[0].getsockname()[:2]
         quiet_accept_errors()

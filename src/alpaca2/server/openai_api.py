@@ -236,7 +236,7 @@ class OpenAIRoutes:
                 choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish"]})
         out = dict(head, object="chat.completion" if chat else "text_completion", choices=choices,
                    usage=self._usage(jobs), timings=jobs[0].timings)
-        if body.get("verbose") is True:       # llama-server's debug field: the prompt as the model saw it
+        if body.get("verbose") is True or self.verbose:    # llama-server's debug field (-v): the prompt as the model saw it
             out["__verbose"] = {"prompt": self.model.detokenize(jobs[0].tokens, special=True)}
         return self._json(out)
 

@@ -89,7 +89,7 @@ class ToolChat:
         """Without a Jinja template, as llama-server without --jinja: tools are refused (tool_choice
         "none" keeps alpaca2's older leniency: the tools are ignored)."""
         tools = body.get("tools") or body.get("functions")
-        choice = body.get("tool_choice", "auto")
+        choice = body.get("tool_choice") or "auto"          # null: the default, as llama-server
         if tools and choice != "none":
             raise bad(f"tools param requires --jinja flag (this server formats chats with the {self.template.name} "
                       "template; start it with --jinja and a model or --chat-template-file that has a Jinja "
@@ -97,10 +97,10 @@ class ToolChat:
         if choice not in ("auto", "none"):
             raise bad("tool_choice param requires --jinja flag", "tool_choice")
 
-    def formatter_messages(self, body) -> list:
+    def formatter_messages(self, body, allow_empty=False) -> list:
         """OpenAI messages as the formatter takes them (tool_calls and role "tool" included)."""
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
+        if not isinstance(messages, list) or not (messages or allow_empty):
             raise bad("'messages' must be a non-empty list", "messages")
         out = []
         for i, m in enumerate(messages):
@@ -130,7 +130,8 @@ class ToolChat:
         tools = body.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise bad("'tools' must be a list of function tools", "tools")
-        choice = body.get("tool_choice", "auto")
+        choice = body.get("tool_choice")
+        choice = "auto" if choice is None else choice       # null: the default, as llama-server
         if isinstance(choice, str):
             if choice not in TOOL_CHOICES:
                 raise bad(f"'tool_choice' must be auto, none, required or a named function, got {choice!r}",
@@ -163,6 +164,9 @@ class ToolChat:
         add_gen = body.get("add_generation_prompt", True)
         if not isinstance(add_gen, bool):
             raise bad("'add_generation_prompt' must be true or false", "add_generation_prompt")
+        if body.get("continue_final_message") not in (None, False) and add_gen:
+            raise bad("Cannot set both add_generation_prompt and continue_final_message to true.",
+                      "continue_final_message")
         schema = self._json_schema_of(body)
         if schema == {}:
             schema = {"type": "object"}         # as llama-server: an empty schema means any object
@@ -176,9 +180,9 @@ class ToolChat:
             out["continue_final_message"] = body["continue_final_message"]
         return out
 
-    async def render(self, body) -> dict:
+    async def render(self, body, allow_empty=False) -> dict:
         """The formatter's answer for this request (prompt_tokens, grammar, parser state ...)."""
-        messages = self.formatter_messages(body)
+        messages = self.formatter_messages(body, allow_empty)
         options = self._formatter_options(body)
         try:     # in a worker thread: a long conversation must not hold up the other clients' streams
             return await asyncio.to_thread(self.formatter.apply, messages, tokenize=True, **options)
@@ -195,7 +199,9 @@ class ToolChat:
         if res["grammar"]:
             grammar = {"gbnf": res["grammar"], "lazy": res["grammar_lazy"], "patterns": res["lazy_patterns"],
                        "tokens": res["lazy_tokens"], "prefill": res["grammar_prefill_tokens"]}
-        fields = {k: v for k, v in body.items() if k not in ("grammar", "json_schema", "response_format")}
+        fields = body
+        if grammar is not None:    # the template's grammar covers the request's; without one the request's own applies
+            fields = {k: v for k, v in body.items() if k not in ("grammar", "json_schema", "response_format")}
         return self.jobs_for(fields, res["prompt_tokens"], False, n=n, n_probs=n_probs, template_grammar=grammar,
                              extra_stop=res["additional_stops"], preserved=res["preserved_token_ids"])
 
@@ -233,8 +239,8 @@ class ToolChat:
                 choices.append({"index": i, "message": msg, "finish_reason": self.finish_of(r["finish"], msg),
                                 "logprobs": chat_logprobs(r["probs"]) if want_probs else None})
             out = dict(head, choices=choices, usage=self._usage(jobs), timings=jobs[0].timings)
-            if body.get("verbose") is True:
-                out["__verbose"] = {"prompt": res["prompt"]}
+            if body.get("verbose") is True or self.verbose:     # llama-server's debug field (-v)
+                out["__verbose"] = {"prompt": self.model.detokenize(jobs[0].tokens, special=True)}
             return self._json(out)
 
         from starlette.responses import StreamingResponse

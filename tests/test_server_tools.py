@@ -24,6 +24,7 @@ from server_process import ServerProcess
 TEMPLATES = LLAMA_CPP_DIR / "models" / "templates"
 FUNCTIONARY = TEMPLATES / "meetkai-functionary-medium-v3.2.jinja"
 QWEN = TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja"
+QWEN3 = TEMPLATES / "Qwen-Qwen3-0.6B.jinja"
 
 TIME_TOOL = {"type": "function", "function": {
     "name": "get_time", "description": "The time in a city",
@@ -228,6 +229,25 @@ def test_chat_template_file_renders_through_jinja(tiny_path, tmp_path):
         assert "<tools>" in prompt and "get_time" in prompt and prompt.endswith("<|im_start|>assistant\n")
         props = httpx.get(s.url + "/props", timeout=60).json()
         assert "<tool_call>" in props["chat_template"]
+    finally:
+        s.stop()
+
+
+def test_reasoning_flags_and_kwargs(tiny_path):
+    """--reasoning off / chat_template_kwargs enable_thinking reach a thinking template (llama-server's
+    test_template.py expectations for Qwen3)."""
+    template_text(QWEN3)
+    s = ServerProcess(tiny_path, "-np", "1", "-c", "1024", "--chat-template-file", str(QWEN3), "--reasoning", "off")
+    try:
+        def prompt(**extra):
+            r = httpx.post(s.url + "/apply-template", json=dict(messages=ASK, **extra), timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["prompt"]
+        assert prompt().endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert prompt(chat_template_kwargs={"enable_thinking": True}).endswith("<|im_start|>assistant\n")
+        r = httpx.post(s.url + "/apply-template", json={"messages": ASK, "chat_template_kwargs": {
+            "enable_thinking": "no"}}, timeout=60)
+        assert r.status_code == 400
     finally:
         s.stop()
 

@@ -72,6 +72,14 @@ def grammar_sampler(model, p: dict, grammar: dict):
     return sampler
 
 
+def check_continuation(body):
+    """As llama-server (with or without --jinja): continuing the last message and adding a
+    generation prompt exclude each other."""
+    if body.get("continue_final_message") not in (None, False) and body.get("add_generation_prompt", True):
+        raise bad("Cannot set both add_generation_prompt and continue_final_message to true.",
+                  "continue_final_message")
+
+
 class ToolChat:
     """/v1/chat/completions through the Jinja formatter (a mixin of Server)."""
 
@@ -96,6 +104,7 @@ class ToolChat:
                       "template)", "tools")
         if choice not in ("auto", "none"):
             raise bad("tool_choice param requires --jinja flag", "tool_choice")
+        check_continuation(body)
 
     def formatter_messages(self, body, allow_empty=False) -> list:
         """OpenAI messages as the formatter takes them (tool_calls and role "tool" included)."""
@@ -112,13 +121,10 @@ class ToolChat:
                           f"{m.get('role')!r}", "messages")
             m = dict(m, role=role)
             content = m.get("content")
-            if isinstance(content, list):            # content parts: text only
-                texts = []
+            if isinstance(content, list):     # text parts only; joined by the formatter, as llama-server's
                 for part in content:
                     if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                         raise bad(f"messages[{i}]: only text content parts are supported", "messages")
-                    texts.append(part["text"])
-                m["content"] = "".join(texts)
             elif content is not None and not isinstance(content, str):
                 raise bad(f"messages[{i}]: content must be a string or a list of text parts", "messages")
             _check_strings(m, "messages")
@@ -164,9 +170,7 @@ class ToolChat:
         add_gen = body.get("add_generation_prompt", True)
         if not isinstance(add_gen, bool):
             raise bad("'add_generation_prompt' must be true or false", "add_generation_prompt")
-        if body.get("continue_final_message") not in (None, False) and add_gen:
-            raise bad("Cannot set both add_generation_prompt and continue_final_message to true.",
-                      "continue_final_message")
+        check_continuation(body)
         schema = self._json_schema_of(body)
         if schema == {}:
             schema = {"type": "object"}         # as llama-server: an empty schema means any object

@@ -58,6 +58,13 @@ def _gpu_layers(text):
     return _int_in(-1, 1 << 20)(text)
 
 
+def _unrestricted_budget(text):
+    """llama-server's --reasoning-budget, of which only -1 (no budget) is supported here."""
+    if text.strip() != "-1":
+        raise argparse.ArgumentTypeError(f"{text!r}: only -1 (unrestricted) is supported; a thinking budget is not")
+    return -1
+
+
 def _on_off_auto(text):
     v = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False, "auto": "auto"}.get(
         text.lower())
@@ -187,8 +194,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    "deepseek-legacy (both), auto")
     t.add_argument("-rea", "--reasoning", choices=["on", "off", "auto"], default="auto",
                    help="let the model think, where its template supports it (default auto: as the template)")
-    t.add_argument("--reasoning-budget", type=_int_in(-1, -1, "-1 (a thinking budget is not supported yet)"),
-                   default=-1, help="accepted: -1 only (unrestricted thinking)")
+    t.add_argument("--reasoning-budget", type=_unrestricted_budget, default=-1, metavar="N",
+                   help="accepted: -1 only (unrestricted thinking; a token budget is not supported yet)")
     t.add_argument("--template", choices=["auto", "alpaca2", "model", "completion"], default="auto",
                    help="chat prompt format (default: auto from the model's metadata)")
 
@@ -260,7 +267,10 @@ def _check_jinja(prog, source, flag):
     try:
         ChatFormatter(template=source).close()
     except (ChatTemplateError, ValueError) as e:
-        args_error(prog, f"{flag}: not a usable Jinja template: " + " ".join(str(e).split())[:300])
+        why = " ".join(str(e).split())[:300]
+        if why in ("", "std::exception"):       # llama.cpp rethrows the parser's error sliced, without its text
+            why = "llama.cpp's Jinja parser rejects it (check its syntax, or use --no-jinja for a built-in name)"
+        args_error(prog, f"{flag}: not a usable Jinja template: {why}")
 
 
 def args_error(prog, message):

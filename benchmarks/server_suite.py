@@ -55,6 +55,7 @@ import os
 import utils
 
 MODELS = {models!r}
+SUITE_DIR = {suite!r}
 
 
 def _local(self):
@@ -80,6 +81,9 @@ _start = utils.ServerProcess.start
 def start(self, *args, **kwargs):
     _local(self)
     self.offline = False
+    if self.chat_template_file and not os.path.isabs(self.chat_template_file):
+        # '../../../models/templates/X.jinja' is relative to the suite's own place in llama.cpp
+        self.chat_template_file = os.path.normpath(os.path.join(SUITE_DIR, self.chat_template_file))
     return _start(self, *args, **kwargs)
 
 
@@ -146,7 +150,7 @@ def prepare(models: dict, name: str) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(SUITE, dst, ignore=shutil.ignore_patterns("tmp", "__pycache__", ".pytest_cache"))
-    (dst / "alpaca2_presets.py").write_text(PLUGIN.format(models=models))
+    (dst / "alpaca2_presets.py").write_text(PLUGIN.format(models=models, suite=str(SUITE)))
     return dst
 
 

@@ -2,7 +2,10 @@
 
 - Alpaca2Template: the Llama-2-chat format as Chinese-Alpaca-2's authors build it (BOS/EOS as
   token ids; user text never becomes control tokens), default system prompt included.
-- ModelTemplate: the model's own ``tokenizer.chat_template`` through llama.cpp's template support.
+- ModelTemplate: the model's own ``tokenizer.chat_template`` through llama.cpp's built-in
+  (non-Jinja) template support (llama-server's --no-jinja).
+- JinjaTemplate: a Jinja chat template through llama.cpp's common chat library (llama-server's
+  --jinja, its default): tools, tool calls and reasoning as llama-server renders them.
 - CompletionTemplate: base models, plain continuation.
 - choose_template: pick one for a model ("auto").
 """
@@ -140,6 +143,26 @@ class ModelTemplate(Template):
                 ids += model.tokenize(part, add_bos=first, special=True)
             first = False
         return ids
+
+
+class JinjaTemplate(Template):
+    """A Jinja chat template rendered by llama.cpp's common chat library (alpaca2._common.ChatFormatter),
+    the code llama-server runs with --jinja.  The template's markup may hold special tokens; message
+    texts never become them (ChatFormatter.apply(tokenize=True))."""
+    name = "jinja"
+
+    def __init__(self, formatter):
+        self.formatter = formatter
+        self.template = formatter.source
+
+    def format_messages(self, messages, add_generation_prompt=True):
+        _check_messages(messages)
+        return self.formatter.apply(list(messages), add_generation_prompt=add_generation_prompt)["prompt"]
+
+    def tokenize_messages(self, model, messages, add_generation_prompt=True):
+        _check_messages(messages)
+        res = self.formatter.apply(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+        return res["prompt_tokens"]
 
 
 class CompletionTemplate(Template):

@@ -35,13 +35,14 @@ from alpaca2.server.generation import Generation
 from alpaca2.server.llama_api import LlamaRoutes
 from alpaca2.server.openai_api import OpenAIRoutes
 from alpaca2.server.sleep import SleepWatch
+from alpaca2.server.tools import ToolChat
 from alpaca2.server.validation import APIError
-from alpaca2.templates import ModelTemplate, Template, choose_template
+from alpaca2.templates import JinjaTemplate, ModelTemplate, Template, choose_template
 
 EXIT_OK, EXIT_ERROR, EXIT_MISSING_DEPENDENCY = 0, 1, 3
 
 
-class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
+class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
     """The HTTP side: parses requests, hands jobs to the Engine, formats the answers.
 
     Around the routes (in __call__): CORS (answers preflight OPTIONS itself), the API key
@@ -51,6 +52,7 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
                  max_body=1 << 20, max_tokens_limit=None, n_predict=-1, sampling=None, seed=None,
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
                  slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=(),
+                 formatter=None, reasoning_format="deepseek", chat_template_kwargs=None, verbose=False,
                  sleep_idle_seconds=-1):
         self.model = model
         self.engine = engine
@@ -58,6 +60,13 @@ class Server(OpenAIRoutes, LlamaRoutes, AnthropicRoutes, Generation):
         self.model_names = {model_id, os.path.basename(model.path), *aliases}
         self.tags = list(tags)
         self.template = template if isinstance(template, Template) else choose_template(model, template)
+        # the Jinja template (alpaca2._common.ChatFormatter) for tools and reasoning; None: --no-jinja
+        # or no Jinja template at hand (then requests with tools get 400, as llama-server's)
+        self.formatter = formatter or getattr(self.template, "formatter", None)
+        self.reasoning_format = reasoning_format
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.verbose = verbose          # answers carry llama-server's __verbose (the prompt), as with its -v
+        self.enable_thinking = bool(self.formatter is not None and self.formatter.supports_thinking)
         if isinstance(api_keys, str):
             api_keys = [api_keys]
         self.api_keys = [k.encode() for k in api_keys if k]
@@ -225,6 +234,37 @@ def _listen_socket(host, port):
     return sock
 
 
+def chat_templates(model, args):
+    """(the template of plain chats, the Jinja ChatFormatter or None), as llama-server picks them:
+    with Jinja on (its default; off with --no-jinja) the Jinja source is --chat-template(-file) or
+    the model's own.  alpaca2's choice for plain chats stays where it applies: Alpaca-2 models
+    (--template auto) keep the Alpaca-2 format unless --jinja is given, and use the Jinja template
+    only for requests with tools."""
+    name = args.chat_template or args.template
+    custom = name not in ("auto", "alpaca2", "model", "completion")
+    source = name if custom else model.chat_template
+    formatter = None
+    if args.jinja is not False and source:
+        try:
+            from alpaca2._common import ChatFormatter
+        except ImportError:          # a build without llama.cpp's common library: built-in templates only
+            ChatFormatter = None
+        if ChatFormatter is not None and custom:
+            formatter = ChatFormatter(model, template=source)
+        elif ChatFormatter is not None:
+            try:
+                formatter = ChatFormatter(model, template=source)
+            except ValueError as e:       # the model's own template: serve on with the built-in ones
+                print(f"alpaca2: WARNING: the model's chat template does not work with Jinja ({e}); "
+                      "tools are off", file=sys.stderr)
+    if custom:
+        return (JinjaTemplate(formatter) if formatter else ModelTemplate(name)), formatter
+    template = choose_template(model, name)
+    if formatter is not None and (isinstance(template, ModelTemplate) or (args.jinja and name == "auto")):
+        template = JinjaTemplate(formatter)
+    return template, formatter
+
+
 def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
     """Load the model, start the decode thread and serve until SIGINT/SIGTERM; returns the exit code.
 
@@ -255,9 +295,7 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
         sampling = dict(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                         repeat_penalty=args.repeat_penalty, penalty_last_n=args.repeat_last_n,
                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
-        template = args.chat_template or args.template
-        if template not in ("auto", "alpaca2", "model", "completion"):
-            template = ModelTemplate(template)       # a llama.cpp built-in name or a template's text
+        template, formatter = chat_templates(model, args)
         aliases = sorted(a.strip() for a in (args.alias or "").split(",") if a.strip())
         model_id = aliases[0] if aliases else os.path.basename(model_path)   # as llama-server: the first, sorted
         srv = Server(model, engine, model_id=model_id, template=template, api_keys=args.api_keys,
@@ -266,6 +304,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      cors_origins=args.cors_origins, metrics=args.metrics, slots=args.slots, props=args.props,
                      slot_save_path=args.slot_save_path, reranking=args.reranking, body_timeout=args.timeout,
                      aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
+                     formatter=formatter, reasoning_format=args.reasoning_format,
+                     chat_template_kwargs=args.template_kwargs, verbose=args.verbose,
                      sleep_idle_seconds=args.sleep_idle_seconds)
         port = gcp.port(args.port) if gcp.enabled() else args.port
         socks = [_listen_socket(h, port) for h in hosts]

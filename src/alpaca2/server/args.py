@@ -8,6 +8,7 @@ cache, no web UI) are accepted and change nothing; any other flag is a one-line 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -55,6 +56,13 @@ def _gpu_layers(text):
     if text in ("auto", "all"):
         return -1
     return _int_in(-1, 1 << 20)(text)
+
+
+def _unrestricted_budget(text):
+    """llama-server's --reasoning-budget, of which only -1 (no budget) is supported here."""
+    if text.strip() != "-1":
+        raise argparse.ArgumentTypeError(f"{text!r}: only -1 (unrestricted) is supported; a thinking budget is not")
+    return -1
 
 
 def _on_off_auto(text):
@@ -171,11 +179,25 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    type=_gpu_layers, default=-1, help="draft model layers on the GPU (default: all)")
 
     t = p.add_argument_group("chat template")
-    t.add_argument("--jinja", action="store_true", help="accepted: the model's own template is used when it has one")
-    t.add_argument("--no-jinja", action="store_true", help="accepted")
-    t.add_argument("--chat-template", default=None,
-                   help="a template: alpaca2, model, completion, or a built-in llama.cpp name (chatml, llama2 ...)")
-    t.add_argument("--chat-template-file", default=None, help="a file holding a Jinja chat template")
+    t.add_argument("--jinja", dest="jinja", action="store_true", default=None,
+                   help="render chats with the Jinja template (the model's, or --chat-template/-file): tools, "
+                   "tool calls and reasoning, as llama-server (default: on where the model's template is used)")
+    t.add_argument("--no-jinja", dest="jinja", action="store_false",
+                   help="llama.cpp's built-in (non-Jinja) templates only; requests with tools get 400")
+    t.add_argument("--chat-template", default=None, metavar="JINJA_TEMPLATE",
+                   help="a template: alpaca2, model, completion, a built-in llama.cpp name (chatml, llama2 ...) "
+                   "or a Jinja template's text")
+    t.add_argument("--chat-template-file", default=None, metavar="JINJA_TEMPLATE_FILE",
+                   help="a file holding a Jinja chat template")
+    t.add_argument("--chat-template-kwargs", default=None, metavar="STRING",
+                   help="more variables for the Jinja template, a JSON object (e.g. '{\"enable_thinking\": false}')")
+    t.add_argument("--reasoning-format", choices=["none", "auto", "deepseek", "deepseek-legacy"], default="deepseek",
+                   help="thoughts: none (left in content), deepseek (in reasoning_content, the default), "
+                   "deepseek-legacy (both), auto")
+    t.add_argument("-rea", "--reasoning", choices=["on", "off", "auto"], default="auto",
+                   help="let the model think, where its template supports it (default auto: as the template)")
+    t.add_argument("--reasoning-budget", type=_unrestricted_budget, default=-1, metavar="N",
+                   help="accepted: -1 only (unrestricted thinking; a token budget is not supported yet)")
     t.add_argument("--template", choices=["auto", "alpaca2", "model", "completion"], default="auto",
                    help="chat prompt format (default: auto from the model's metadata)")
 
@@ -221,7 +243,36 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
                 args.chat_template = f.read()
         except OSError as e:
             args_error(prog, f"cannot read --chat-template-file: {e.strerror}: {args.chat_template_file}")
+    args.template_kwargs = {}
+    if args.chat_template_kwargs:
+        try:
+            args.template_kwargs = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            args_error(prog, f"--chat-template-kwargs is not valid JSON: {e}")
+        if not isinstance(args.template_kwargs, dict):
+            args_error(prog, "--chat-template-kwargs must be a JSON object")
+    if args.reasoning != "auto":
+        args.template_kwargs["enable_thinking"] = args.reasoning == "on"
+    custom = args.chat_template not in (None, "auto", "alpaca2", "model", "completion")
+    if custom and args.jinja is not False:
+        _check_jinja(prog, args.chat_template, "--chat-template-file" if args.chat_template_file else "--chat-template")
     return args
+
+
+def _check_jinja(prog, source, flag):
+    """A Jinja template that cannot be parsed (or fails for every conversation) is a usage error,
+    found before the model loads, as llama-server does at start-up."""
+    try:
+        from alpaca2._common import ChatFormatter, ChatTemplateError
+    except ImportError:
+        return
+    try:
+        ChatFormatter(template=source).close()
+    except (ChatTemplateError, ValueError) as e:
+        why = " ".join(str(e).split())[:300]
+        if why in ("", "std::exception"):       # llama.cpp rethrows the parser's error sliced, without its text
+            why = "llama.cpp's Jinja parser rejects it (check its syntax, or use --no-jinja for a built-in name)"
+        args_error(prog, f"{flag}: not a usable Jinja template: {why}")
 
 
 def args_error(prog, message):

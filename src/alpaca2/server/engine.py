@@ -49,6 +49,7 @@ class Job:
         self.banned = frozenset(banned)  # logit_bias -inf: never emitted, even if sampled
         self.accept_prompt = accept_prompt      # the prompt enters the sampler's history (penalties)
         self.id_slot = id_slot          # -1: any slot
+        self.preserved = frozenset()    # special tokens shown as their text (a template's tool-call markup)
         self.slot_id = -1               # the slot it runs in
         self.return_progress = False    # ("progress", {...}) events while the prompt is decoded
         self.speculate = False          # may go through the engine's Speculator (set by the API layer)
@@ -680,7 +681,7 @@ class Engine:
                     entry["token"] = entry["token"][1:]     # as the text: the template's space is not shown
                 job._probs.append(entry)
             self.completion_tokens_total += 1
-            text = slot.stream.push(self.model.token_to_piece(tok))
+            text = slot.stream.push(self.model.token_to_piece(tok, special=tok in job.preserved))
             if text:
                 events.append((job, job.text_event(text)))
             if slot.stream.stopped:

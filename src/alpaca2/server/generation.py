@@ -8,6 +8,7 @@ import random
 from alpaca2._core import Sampler
 from alpaca2.errors import Alpaca2Error
 from alpaca2.server.engine import Job
+from alpaca2.server.tools import grammar_sampler
 from alpaca2.server.validation import APIError, bad, number, wait_disconnect
 
 MAX_CHOICES = 16
@@ -108,9 +109,10 @@ class Generation:
             raise bad("'logit_bias' bans every token: nothing could be generated", "logit_bias")
         return out, banned
 
-    def sampler_for(self, body, seed_offset=0):
+    def sampler_for(self, body, seed_offset=0, template_grammar=None):
         """A Sampler from the request's fields (OpenAI's, and llama-server's top_k, min_p,
         repeat_penalty, grammar ...); what the request leaves out comes from the server's flags.
+        ``template_grammar``: a Jinja template's grammar (alpaca2.server.tools), maybe lazy.
         Returns (sampler, banned token ids, seed)."""
         p = dict(self.sampling)
         temp = number(body, "temperature", 0.0, 100.0)
@@ -154,6 +156,8 @@ class Generation:
                 raise bad("give either 'grammar' or a JSON schema, not both", "grammar")
             p["grammar"] = self._grammar_for_schema(schema)
         try:
+            if template_grammar is not None:
+                return grammar_sampler(self.model, p, template_grammar), banned, seed
             return Sampler(model=self.model, **p), banned, seed
         except (ValueError, TypeError, Alpaca2Error) as e:
             field = "grammar" if "grammar" in p and "grammar" in str(e).lower() else None
@@ -211,8 +215,10 @@ class Generation:
             max_tokens = min(max_tokens, room)      # a request's own value wins over -n (llama-server's)                    # the answer ends at the slot's end
         return max_tokens
 
-    def jobs_for(self, body, tokens, strip_leading_space, *, n=1, n_probs=0):
-        """n Jobs (choices) for one request; their sampler seeds differ by their index."""
+    def jobs_for(self, body, tokens, strip_leading_space, *, n=1, n_probs=0, template_grammar=None,
+                 extra_stop=(), preserved=()):
+        """n Jobs (choices) for one request; their sampler seeds differ by their index.  A Jinja
+        template adds its grammar, stop strings, and tokens shown as text (``preserved``)."""
         max_tokens = self.max_tokens_for(body, len(tokens))
         stop = body.get("stop")
         if stop is None:
@@ -221,6 +227,7 @@ class Generation:
             stop = [stop]
         if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) for s in stop):
             raise bad("'stop' must be a string or a list of at most 16 strings", "stop")
+        stop = stop + [s for s in extra_stop if s not in stop]
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise bad("'ignore_eos' must be true or false", "ignore_eos")
@@ -229,11 +236,13 @@ class Generation:
         loop = asyncio.get_running_loop()
         jobs = []
         for i in range(n):
-            sampler, banned, seed = self.sampler_for(body, seed_offset=i)
-            constrained = bool(body.get("grammar")) or self._json_schema_of(body) is not None
+            sampler, banned, seed = self.sampler_for(body, seed_offset=i, template_grammar=template_grammar)
+            constrained = (bool(body.get("grammar")) or self._json_schema_of(body) is not None
+                           or template_grammar is not None)
             job = Job(tokens, max_tokens=max_tokens, sampler=sampler, stop=stop,
                       strip_leading_space=strip_leading_space, ignore_eos=ignore_eos, loop=loop,
                       n_probs=n_probs, banned=banned, accept_prompt=not constrained, id_slot=id_slot)
+            job.preserved = frozenset(preserved)
             job.index, job.seed = i, seed
             if self.engine.speculative and not n_probs and not constrained and not body.get("mirostat"):
                 job.speculate = True

@@ -13,6 +13,7 @@ from alpaca2.server import rerank, slots
 from alpaca2.server.engine import RATE_WINDOW_S
 from alpaca2.server.openai_api import sse
 from alpaca2.server.validation import APIError, bad, number, read_json
+from alpaca2.templates import ModelTemplate
 
 
 def not_supported(message) -> APIError:
@@ -149,7 +150,14 @@ class LlamaRoutes:
 
     async def apply_template(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)
+        if self.uses_formatter(body):     # as llama-server: the template's text, tools and all
+            return self._json({"prompt": (await self.render(body))["prompt"]})
         messages = self.messages_of(body)
+        if isinstance(self.template, ModelTemplate):     # llama.cpp's built-in templates: their text as it is
+            try:
+                return self._json({"prompt": self.template.format_messages(messages)})
+            except (ValueError, RuntimeError, Alpaca2Error) as e:
+                raise bad(f"cannot format these messages: {e}", "messages") from None
         try:
             ids = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
         except (ValueError, RuntimeError, Alpaca2Error) as e:

@@ -84,11 +84,6 @@ class OpenAIRoutes:
             raise bad("'stream_options' must be an object", "stream_options")
         return stream, bool(opts.get("include_usage"))
 
-    def _check_unsupported(self, body):
-        tools = body.get("tools") or body.get("functions")
-        if tools and body.get("tool_choice", "auto") != "none":
-            raise bad("tools and function calling are not supported yet", "tools")
-
     def messages_of(self, body):
         """The request's messages as {"role", "content"} dicts, checked as llama-server does."""
         messages = body.get("messages")
@@ -139,7 +134,9 @@ class OpenAIRoutes:
     async def chat_completions(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)
         self._check_model(body)
-        self._check_unsupported(body)
+        if self.uses_formatter(body):         # a Jinja template: tools, reasoning (server/tools.py)
+            return await self.formatter_chat(request, body)
+        self.check_no_tools(body)
         messages = self.messages_of(body)
         try:      # in a worker thread: a long prompt must not hold up the other clients' streams
             tokens = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
@@ -154,6 +151,8 @@ class OpenAIRoutes:
     async def chat_input_tokens(self, request):
         """llama-server's /chat/completions/input_tokens: how many tokens the prompt would take."""
         body = await read_json(request, self.max_body, self.body_timeout)
+        if self.uses_formatter(body):
+            return self._json({"input_tokens": len((await self.render(body))["prompt_tokens"])})
         messages = self.messages_of(body)
         try:
             tokens = await asyncio.to_thread(self.template.tokenize_messages, self.model, messages)
@@ -237,7 +236,7 @@ class OpenAIRoutes:
                 choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish"]})
         out = dict(head, object="chat.completion" if chat else "text_completion", choices=choices,
                    usage=self._usage(jobs), timings=jobs[0].timings)
-        if body.get("verbose") is True:       # llama-server's debug field: the prompt as the model saw it
+        if body.get("verbose") is True or self.verbose:    # llama-server's debug field (-v): the prompt as the model saw it
             out["__verbose"] = {"prompt": self.model.detokenize(jobs[0].tokens, special=True)}
         return self._json(out)
 

@@ -277,3 +277,16 @@ def test_the_server_runs_with_passive_openmp_unless_told_otherwise(tiny_path):
         assert b"OMP_WAIT_POLICY=active" in open(f"/proc/{s.proc.pid}/environ", "rb").read().split(b"\0")
     finally:
         s.stop()
+
+
+def test_chat_stream_reports_prompt_progress(server):
+    body = {"messages": [{"role": "user", "content": "This is a test " * 12}], "max_tokens": 4, "stream": True,
+            "return_progress": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as s:
+        chunks = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    progress = [c["prompt_progress"] for c in chunks if "prompt_progress" in c]
+    assert len(progress) >= 2 and progress[0]["cache"] == progress[0]["processed"] and progress[0]["total"] > 32
+    assert [p["processed"] for p in progress] == sorted(p["processed"] for p in progress)
+    assert progress[-1]["processed"] == progress[-1]["total"]
+    first = next(c for c in chunks if "prompt_progress" in c)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": None}

@@ -178,6 +178,8 @@ class OpenAIRoutes:
         return usage
 
     async def _answer(self, request, body, jobs, stream, include_usage, chat):
+        for job in jobs:
+            job.return_progress = stream and body.get("return_progress") is True
         self.submit(jobs)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -211,6 +213,14 @@ class OpenAIRoutes:
                             yield chunk(index, ev[1], probs=ev[3])
                     elif ev[0] == "end":
                         yield chunk(index, finish=ev[1])
+                    elif ev[0] == "progress":        # llama-server's prompt_progress, on an empty chunk
+                        empty = ({"index": index, "delta": {"role": "assistant", "content": None}} if chat
+                                 else {"index": index, "text": ""})
+                        d = dict(head, choices=[dict(empty, logprobs=None, finish_reason=None)],
+                                 prompt_progress=ev[1])
+                        if per_token_timings:
+                            d["timings"] = ev[2]
+                        yield sse(d)
                     else:
                         yield sse(self.error_of(ev).body())
                         return

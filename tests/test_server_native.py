@@ -290,3 +290,29 @@ def test_chat_stream_reports_prompt_progress(server):
     assert progress[-1]["processed"] == progress[-1]["total"]
     first = next(c for c in chunks if "prompt_progress" in c)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": None}
+
+
+def test_responses_api_with_the_openai_client(server):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(api_key="none", base_url=server.url + "/v1", max_retries=0)
+    msgs = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
+    r = c.responses.create(model="gpt-4.1", input=msgs, max_output_tokens=8, temperature=0)
+    assert r.id.startswith("resp_") and r.output[0].id.startswith("msg_") and r.usage.output_tokens <= 8
+    # the same request as a chat completion gives the same text (it is one)
+    same = c.chat.completions.create(model="x", messages=msgs, max_tokens=8, temperature=0)
+    assert r.output_text == same.choices[0].message.content
+    streamed, kinds, final = "", [], None
+    for ev in c.responses.create(model="gpt-4.1", input=msgs, max_output_tokens=8, temperature=0, stream=True):
+        kinds.append(ev.type)
+        if ev.type == "response.output_text.delta":
+            streamed += ev.delta
+        if ev.type == "response.completed":
+            final = ev.response
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] and kinds[-1] == "response.completed"
+    assert streamed == final.output_text == r.output_text
+    n = post(server, "/v1/responses/input_tokens", {"input": msgs}).json()["input_tokens"]
+    assert n == same.usage.prompt_tokens
+    for bad_body in ({"model": "x"}, {"input": [{"type": "function_call"}]}, {"input": 5},
+                     {"input": "x", "previous_response_id": "resp_1"}):
+        assert post(server, "/v1/responses", bad_body).status_code == 400

@@ -14,6 +14,7 @@ import time
 import uuid
 
 from alpaca2.errors import Alpaca2Error
+from alpaca2.server import responses
 from alpaca2.server.engine import EmbedJob
 from alpaca2.server.generation import MAX_CHOICES
 from alpaca2.server.validation import APIError, bad, check_text, number, read_json
@@ -60,6 +61,8 @@ class OpenAIRoutes:
                 Route(prefix + "/chat/completions", self.chat_completions, methods=["POST"]),
                 Route(prefix + "/models", self.models, methods=["GET"]),
                 Route(prefix + "/models/{model_id:path}", self.model_info, methods=["GET"]),
+                Route(prefix + "/responses", self.responses, methods=["POST"]),
+                Route(prefix + "/responses/input_tokens", self.responses_input_tokens, methods=["POST"]),
             ]
         return routes
 
@@ -130,6 +133,13 @@ class OpenAIRoutes:
         if lp is None or lp is False:
             return 0
         return max(1, number(body, "logprobs", 0, 20, integer=True))
+
+    async def responses(self, request):
+        """OpenAI's Responses API over this server's chat completions (alpaca2.server.responses)."""
+        return await responses.responses(self, request)
+
+    async def responses_input_tokens(self, request):
+        return await responses.input_tokens(self, request)
 
     async def chat_completions(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)

@@ -11,11 +11,25 @@ The core is a Cython extension (alpaca2._core) compiled against a vendored llama
 import os as _os
 
 from alpaca2 import _build_info
-from alpaca2._core import (
-    Batch, Context, LoraAdapter, Model, Sampler, SamplerChain, Speculator,
-    backends, check_draft_compatible, chat_apply_template, chat_builtin_templates, default_threads, devices,
-    llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload, supports_rpc,
-)
+
+# libgomp (ggml's CPU threads) reads its settings once, when _core loads it.  Its idle workers spin
+# up to 300,000 rounds after each parallel region by default, holding a core while Python runs
+# between two decode steps; on 2 cores a server's event loop then waits for one (measured: one
+# streaming client got 16-18 tok/s, and 35-37 with a 2,000-round spin; plain decode loops 37-41 either
+# way).  So unless the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY, the spin is 2,000 rounds; the
+# variable is set only while _core loads, so child processes (llama-bench ...) keep their default.
+OPENMP_SPIN = None if ("GOMP_SPINCOUNT" in _os.environ or "OMP_WAIT_POLICY" in _os.environ) else "2000"
+if OPENMP_SPIN is not None:
+    _os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN
+try:
+    from alpaca2._core import (
+        Batch, Context, LoraAdapter, Model, Sampler, SamplerChain, Speculator,
+        backends, check_draft_compatible, chat_apply_template, chat_builtin_templates, default_threads, devices,
+        llama_cpp_version, print_system_info, quantize, set_log_level, supports_gpu_offload, supports_rpc,
+    )
+finally:
+    if OPENMP_SPIN is not None:
+        _os.environ.pop("GOMP_SPINCOUNT", None)
 from alpaca2._common import ChatFormatter, ChatParseError, ChatStream, ChatTemplateError, json_schema_to_grammar
 from alpaca2.llm import Llama
 from alpaca2.session import ChatSession

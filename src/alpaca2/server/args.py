@@ -310,23 +310,6 @@ def console_main() -> int:
     return main(prog="alpaca2-server")
 
 
-def _passive_openmp(argv, prog):
-    """Between two decode steps the server does Python work (sampling bookkeeping, the event loop's
-    HTTP/SSE), while libgomp's idle workers spin for a while by default and hold a core: on a
-    2-core machine that cost a third of the single-client token rate (measured: 21-23 tok/s spinning,
-    28-30 passive, Gemma 3 270M, -t 2).  libgomp reads OMP_WAIT_POLICY once, when it is loaded (at
-    `import alpaca2`), so the server process starts itself again with it set to passive unless the
-    user set it.  The library, chat, generate and bench keep libgomp's default."""
-    if "OMP_WAIT_POLICY" in os.environ or os.environ.get("ALPACA2_NO_REEXEC"):
-        return
-    os.environ["OMP_WAIT_POLICY"] = "passive"
-    args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        os.execv(sys.executable, [sys.executable, "-m", "alpaca2.server", "--prog", prog, *args])
-    except OSError:                     # no exec here: run with the default policy
-        pass
-
-
 def main(argv=None, prog: str = PROG) -> int:
     """Run the server with these command-line arguments (default: sys.argv[1:]); returns the exit code."""
     args = parse_args(argv, prog)          # bad flags: one line, exit 2, before anything else
@@ -341,7 +324,6 @@ def main(argv=None, prog: str = PROG) -> int:
         print(f"alpaca2: serve needs Starlette and uvicorn ({e.name} is missing): "
               "pip install 'alpaca2-llama[server]'", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCY
-    _passive_openmp(argv, prog)
     from alpaca2.server.app import serve
     try:
         return serve(args, _model_path(args), _model_kwargs(args))

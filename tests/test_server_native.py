@@ -297,3 +297,15 @@ def test_responses_api_with_the_openai_client(server):
     for bad_body in ({"model": "x"}, {"input": [{"type": "function_call"}]}, {"input": 5},
                      {"input": "x", "previous_response_id": "resp_1"}):
         assert post(server, "/v1/responses", bad_body).status_code == 400
+
+
+def test_responses_stream_carries_progress_and_timings(server):
+    body = {"input": "This is a test " * 12, "max_output_tokens": 4, "stream": True, "timings_per_token": True,
+            "return_progress": True}
+    with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=120) as s:
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    progress = [e for e in events if "prompt_progress" in e]
+    assert progress and all(e["type"] == "response.in_progress" for e in progress)
+    assert any(e["type"] == "response.output_text.delta" and "predicted_per_second" in e["timings"] for e in events)
+    done = events[-1]
+    assert done["type"] == "response.completed" and "usage" in done["response"] and "timings" in done

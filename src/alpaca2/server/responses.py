@@ -124,12 +124,17 @@ async def _events(server, chat, headers, resp_id, msg_id, model, created):
             return
         usage = chunk.get("usage") or usage
         timings = chunk.get("timings") or timings
+        extra = {"timings": chunk["timings"]} if "timings" in chunk else {}      # llama-server's telemetry
+        if "prompt_progress" in chunk:
+            yield event("response.in_progress", response=_response(resp_id, model, created, "in_progress", []),
+                        prompt_progress=chunk["prompt_progress"], **extra)
+            continue
         for choice in chunk.get("choices", []):
             delta = (choice.get("delta") or {}).get("content")
             if delta:
                 text.append(delta)
                 yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                            delta=delta, logprobs=[])
+                            delta=delta, logprobs=[], **extra)
     full = "".join(text)
     yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=full,
                 logprobs=[])
@@ -137,9 +142,7 @@ async def _events(server, chat, headers, resp_id, msg_id, model, created):
                 part=dict(part, text=full))
     yield event("response.output_item.done", output_index=0, item=_message(msg_id, full))
     done = _response(resp_id, model, created, "completed", [_message(msg_id, full)], usage or {})
-    if timings is not None:
-        done["timings"] = timings
-    yield event("response.completed", response=done)
+    yield event("response.completed", response=done, **({"timings": timings} if timings is not None else {}))
 
 
 async def _stream(app, path, body: bytes, headers):

@@ -70,3 +70,26 @@ def open_regular_file(path, what="file", error=ModelLoadError):
     except BaseException:
         os.close(fd)
         raise
+
+
+def write_atomically(path, data) -> int:
+    """Write data (bytes or str) to path through a temp file beside it, fsync and rename: a crash
+    leaves the old file or the new one, never half of one.  Returns the bytes written."""
+    import uuid
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return len(raw)
+

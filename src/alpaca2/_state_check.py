@@ -45,7 +45,7 @@ import struct
 
 import numpy as np
 
-from alpaca2._files import open_regular_file
+from alpaca2._files import open_regular_file, write_atomically
 from alpaca2._gguf_check import GGML_TYPES
 from alpaca2.errors import StateError
 
@@ -693,18 +693,4 @@ def write_seq_state_file(path, tokens, blob) -> int:
     toks = np.asarray(tokens, dtype="<i4")
     data = struct.pack("<III", LLAMA_STATE_SEQ_MAGIC, LLAMA_STATE_SEQ_VERSION, len(toks)) + toks.tobytes() + \
         bytes(memoryview(blob)[8:])
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return len(data)
+    return write_atomically(path, data)

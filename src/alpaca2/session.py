@@ -15,9 +15,9 @@ import json
 import math
 import os
 import stat
-import uuid
 from typing import Sequence
 
+from alpaca2._files import write_atomically
 from alpaca2.errors import ContextFullError, StateError
 from alpaca2.llm import Llama
 from alpaca2.sampling import SAMPLING_KEYS
@@ -142,19 +142,7 @@ class ChatSession:
             self.llm.ctx.save_state_file(state_path, self.llm._tokens)
             data["state_file"] = os.path.basename(state_path)
         # temp file + fsync + rename: a crash mid-save leaves the old session or the new one
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomically(path, json.dumps(data, ensure_ascii=False, indent=1))
 
     @classmethod
     def load(cls, llm: Llama, path) -> "ChatSession":

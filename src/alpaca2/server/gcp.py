@@ -9,9 +9,9 @@ is {"predictions": [each response's JSON, or {"error": ...}]}.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 
+from alpaca2.server import inprocess
 from alpaca2.server.validation import APIError, bad, read_json
 
 MAX_INSTANCES = 128
@@ -67,7 +67,7 @@ def routes(server, post_paths: list, health) -> list:
             raise bad("request body must include an array field named instances", "instances")
         if len(instances) > MAX_INSTANCES:
             raise bad(f"instances array exceeds maximum size of {MAX_INSTANCES}", "instances")
-        headers = [(k, v) for k, v in request.scope.get("headers", ()) if k in (b"authorization", b"x-api-key")]
+        headers = inprocess.forwarded(request)
         predictions = await asyncio.gather(*(_one(server, aliases, post_paths, x, headers) for x in instances))
         return server._json({"predictions": list(predictions)})
 
@@ -94,32 +94,5 @@ async def _one(server, aliases, post_paths, instance, headers):
     payload = {k: v for k, v in instance.items() if k != "@requestFormat"}
     if "stream" in payload:
         payload["stream"] = False            # the predict route does not stream
-    status, data = await _call(server.app, path, json.dumps(payload).encode(), headers)
-    try:
-        return json.loads(data) if data else None
-    except ValueError:
-        return data.decode("utf-8", "replace")
-
-
-async def _call(app, path, body: bytes, headers):
-    """One POST through the ASGI app in-process; returns (status, body bytes)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-             + list(headers), "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
-    sent = [False]
-    out = {"status": 500, "body": []}
-
-    async def receive():
-        if not sent[0]:
-            sent[0] = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()          # never disconnects
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            out["status"] = message["status"]
-        elif message["type"] == "http.response.body":
-            out["body"].append(message.get("body", b""))
-    await app(scope, receive, send)
-    return out["status"], b"".join(out["body"])
+    _, data = await inprocess.call(server.app, path, payload, headers)
+    return data

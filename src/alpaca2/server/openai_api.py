@@ -268,7 +268,11 @@ class OpenAIRoutes:
         if body.get(key) is None:
             raise bad(f"'{key}' must be a string, token ids, or a list of them", key)
         inputs = await self.prompts_of(body[key], key)
-        job = EmbedJob(inputs, asyncio.get_running_loop())
+        return inputs, await self.embed_tokens(inputs)
+
+    async def embed_tokens(self, inputs, rerank=False) -> list:
+        """Token lists embedded on the embedding thread: unit vectors, or rerank scores."""
+        job = EmbedJob(inputs, asyncio.get_running_loop(), rerank=rerank)
         self.engine.submit(job)
         try:
             _, ev = await job.events.get()
@@ -276,7 +280,7 @@ class OpenAIRoutes:
             job.cancel()
         if ev[0] == "error":
             raise APIError(ev[1], ev[2], type="server_error" if ev[1] >= 500 else "invalid_request_error")
-        return inputs, ev[1]
+        return ev[1]
 
     async def embeddings(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)

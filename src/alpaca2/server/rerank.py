@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-from alpaca2.server.engine import EmbedJob
 from alpaca2.server.validation import APIError, bad, read_json
 
 
@@ -56,16 +55,9 @@ async def rerank(server, request):
             raise bad(f"'{field}' contains a NUL character (U+0000)", field)
     model = server.model
     inputs = await asyncio.to_thread(lambda: [pair_tokens(model, query, d) for d in docs])
-    job = EmbedJob(inputs, asyncio.get_running_loop(), rerank=True)
-    server.engine.submit(job)
-    try:
-        _, ev = await job.events.get()
-    finally:
-        job.cancel()
-    if ev[0] == "error":
-        raise APIError(ev[1], ev[2], type="server_error" if ev[1] >= 500 else "invalid_request_error")
+    scores = await server.embed_tokens(inputs, rerank=True)
     label = "score" if tei else "relevance_score"
-    results = [{"index": i, label: s} for i, s in enumerate(ev[1])]
+    results = [{"index": i, label: s} for i, s in enumerate(scores)]
     if tei and body.get("return_text") is True:
         for r in results:
             r["text"] = docs[r["index"]]

@@ -7,11 +7,11 @@ items and previous_response_id get 400, as far as this server goes.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 
+from alpaca2.server import inprocess
 from alpaca2.server.validation import APIError, bad, read_json
 
 _TEXT_IN = ("input_text", "output_text", "text")
@@ -79,17 +79,14 @@ def _response(resp_id, model, created, status, output, usage=None):
 
 
 async def responses(server, request):
-    from alpaca2.server.gcp import _call
     body = await read_json(request, server.max_body, server.body_timeout)
     chat = to_chat(body)
     resp_id, msg_id = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
     created = int(time.time())
     model = body.get("model") or server.model_id
-    headers = [(k, v) for k, v in request.scope.get("headers", ()) if k in (b"authorization", b"x-api-key")]
+    headers = inprocess.forwarded(request)
     if not body.get("stream"):
-        status, data = await _call(server.app, "/v1/chat/completions", json.dumps(dict(chat, stream=False)).encode(),
-                                   headers)
-        d = json.loads(data)
+        status, d = await inprocess.call(server.app, "/v1/chat/completions", dict(chat, stream=False), headers)
         if status != 200:
             raise APIError(status, d.get("error", {}).get("message", "the chat completion failed"))
         text = d["choices"][0]["message"].get("content") or ""
@@ -116,7 +113,7 @@ async def _events(server, chat, headers, resp_id, msg_id, model, created):
     part = {"type": "output_text", "text": "", "annotations": []}
     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
     text, usage, timings = [], None, None
-    async for status, chunk in _stream(server.app, "/v1/chat/completions", json.dumps(chat).encode(), headers):
+    async for status, chunk in inprocess.sse(server.app, "/v1/chat/completions", chat, headers):
         if status != 200 or "error" in chunk:
             err = chunk.get("error", {}) if isinstance(chunk, dict) else {}
             yield event("error", code=str(err.get("code") or status), message=err.get("message", "failed"),
@@ -145,62 +142,11 @@ async def _events(server, chat, headers, resp_id, msg_id, model, created):
     yield event("response.completed", response=done, **({"timings": timings} if timings is not None else {}))
 
 
-async def _stream(app, path, body: bytes, headers):
-    """POST through the ASGI app in-process, yielding (status, JSON of each SSE data line)."""
-    queue: asyncio.Queue = asyncio.Queue()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-             + list(headers), "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
-    state = {"sent": False, "status": 500, "buf": b""}
-    gone = asyncio.Event()
-
-    async def receive():
-        if not state["sent"]:
-            state["sent"] = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            state["status"] = message["status"]
-        elif message["type"] == "http.response.body":
-            await queue.put(message.get("body", b""))
-            if not message.get("more_body"):
-                await queue.put(None)
-
-    task = asyncio.ensure_future(app(scope, receive, send))
-    try:
-        buf = b""
-        while True:
-            piece = await queue.get()
-            if piece is None:
-                break
-            buf += piece
-            while b"\n\n" in buf:
-                block, buf = buf.split(b"\n\n", 1)
-                for line in block.split(b"\n"):
-                    if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
-                        try:
-                            yield state["status"], json.loads(line[5:])
-                        except ValueError:
-                            pass
-        if buf.strip() and state["status"] != 200:         # an error answered as plain JSON
-            yield state["status"], json.loads(buf)
-    finally:
-        gone.set()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 async def input_tokens(server, request):
     """/v1/responses/input_tokens: {"input_tokens": n} for what the request would put in the prompt."""
-    from alpaca2.server.gcp import _call
     body = await read_json(request, server.max_body, server.body_timeout)
-    chat = to_chat(body)
-    headers = [(k, v) for k, v in request.scope.get("headers", ()) if k in (b"authorization", b"x-api-key")]
-    status, data = await _call(server.app, "/v1/chat/completions/input_tokens", json.dumps(chat).encode(), headers)
-    d = json.loads(data)
+    status, d = await inprocess.call(server.app, "/v1/chat/completions/input_tokens", to_chat(body),
+                                     inprocess.forwarded(request))
     if status != 200:
         raise APIError(status, d.get("error", {}).get("message", "failed"))
     return server._json(d)

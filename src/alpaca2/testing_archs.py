@@ -73,6 +73,20 @@ class _Random:
         return (0.1 * self.rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
 
+def _ssm_header(writer, s, n_layer, d_inner, d_conv, d_state, time_step_rank):
+    """The keys a pure SSM model (Mamba, Mamba-2) has: no attention heads, no feed-forward."""
+    writer.add_context_length(s["n_ctx_train"])
+    writer.add_embedding_length(s["n_embd"])
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(time_step_rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+
+
 def make_mamba_model(path, tokenizer=None, shape=None, seed=0, vocab_size=600, name="tiny-mamba"):
     """Write a Mamba (v1) GGUF model at path and return the path.  d_inner is 2 * n_embd, the only
     expansion llama.cpp supports; shape overrides keys of MAMBA_SHAPE."""
@@ -80,16 +94,7 @@ def make_mamba_model(path, tokenizer=None, shape=None, seed=0, vocab_size=600, n
     n_embd, n_layer, d_conv, d_state, dt_rank = s["n_embd"], s["n_layer"], s["d_conv"], s["d_state"], s["dt_rank"]
     d_inner = 2 * n_embd
     writer, tmp, path, n_vocab = _writer(path, "mamba", tokenizer, vocab_size, name)
-    writer.add_context_length(s["n_ctx_train"])
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(0)
-    writer.add_head_count(0)
-    writer.add_ssm_conv_kernel(d_conv)
-    writer.add_ssm_inner_size(d_inner)
-    writer.add_ssm_state_size(d_state)
-    writer.add_ssm_time_step_rank(dt_rank)
-    writer.add_layer_norm_rms_eps(1e-5)
+    _ssm_header(writer, s, n_layer, d_inner, d_conv, d_state, dt_rank)
     r = _Random(seed)
     t = {"token_embd.weight": r.rng.standard_normal((n_vocab, n_embd), dtype=np.float32),
          "output_norm.weight": r.norm(n_embd), "output.weight": r.mat(n_vocab, n_embd, 2.0)}
@@ -120,17 +125,8 @@ def make_mamba2_model(path, tokenizer=None, shape=None, seed=0, vocab_size=600, 
     d_inner = 2 * n_embd
     conv_dim = d_inner + 2 * n_group * d_state
     writer, tmp, path, n_vocab = _writer(path, "mamba2", tokenizer, vocab_size, name)
-    writer.add_context_length(s["n_ctx_train"])
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(0)
-    writer.add_head_count(0)
-    writer.add_ssm_conv_kernel(d_conv)
-    writer.add_ssm_inner_size(d_inner)
-    writer.add_ssm_state_size(d_state)
-    writer.add_ssm_time_step_rank(n_ssm_head)
+    _ssm_header(writer, s, n_layer, d_inner, d_conv, d_state, n_ssm_head)
     writer.add_ssm_group_count(n_group)
-    writer.add_layer_norm_rms_eps(1e-5)
     r = _Random(seed)
     t = {"token_embd.weight": r.rng.standard_normal((n_vocab, n_embd), dtype=np.float32),
          "output_norm.weight": r.norm(n_embd), "output.weight": r.mat(n_vocab, n_embd, 2.0)}

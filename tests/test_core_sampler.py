@@ -441,6 +441,64 @@ def test_sample_from_context_is_argmax(model, ctx):
     assert alpaca2.Sampler(temp=0).sample(ctx) == int(np.argmax(ctx.logits))
 
 
+def _hard_logits(rng, n):
+    """Logits full of what an argmax can get wrong: ties at the top, NaN, +-inf, +-0."""
+    x = rng.choice(np.array([0.0, -0.0, 1.0, 2.0, 2.0, -np.inf, np.inf, np.nan, 5.0], dtype=np.float32), n)
+    if rng.random() < 0.5:
+        x = np.where(rng.random(n) < 0.9, rng.normal(size=n).astype(np.float32), x)
+    if rng.random() < 0.3:
+        x[rng.integers(n)] = x.max()        # a tie for the top
+    return x.astype(np.float32)
+
+
+def test_greedy_fast_path_equals_llama_cpp_greedy():
+    """A chain that is only greedy skips llama_sampler_sample's copy of the vocabulary and scans the
+    logits itself; its pick must be llama.cpp's greedy sampler's on any input: the first of tied
+    maxima, a NaN never picked unless it comes first, any length (blocks of 512, runs of 8)."""
+    from alpaca2._core import _greedy_pick
+    rng = np.random.default_rng(7)
+    oracle = alpaca2.SamplerChain().add("greedy")
+    sizes = [1, 2, 7, 8, 9, 511, 512, 513, 1024, 1031, 4099]
+    for case in range(1500):
+        n = sizes[case % len(sizes)] if case < 400 else int(rng.integers(1, 3000))
+        x = _hard_logits(rng, n)
+        try:
+            want = oracle.sample_logits(x)
+        except alpaca2.SamplerError:         # llama.cpp picked a NaN (only a NaN first logit can be)
+            want = 0
+            assert np.isnan(x[0])
+        assert _greedy_pick(x) == want, (case, x.tolist() if n < 40 else n)
+    x = np.full(1000, -np.inf, dtype=np.float32)
+    assert _greedy_pick(x) == oracle.sample_logits(x) == 0
+    x[700] = x[900] = -1.0
+    assert _greedy_pick(x) == oracle.sample_logits(x) == 700
+    x = np.zeros(3000, dtype=np.float32)
+    x[0] = np.nan
+    x[2000] = 9.0
+    assert _greedy_pick(x) == 0                    # llama.cpp keeps a NaN first logit (then refuses it)
+    with pytest.raises(alpaca2.SamplerError):
+        oracle.sample_logits(x)
+
+
+def test_greedy_fast_path_on_a_context_and_its_history(model, ctx):
+    """Through a context (the fast path) the pick equals the slow path's on the same logits, and the
+    token still enters the chain's history (a penalty stage after it would see it)."""
+    toks = model.tokenize("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")
+    ctx.decode(toks, logits="all")       # all rows kept by the binding: the fast path is skipped here
+    chain = alpaca2.SamplerChain().add("greedy")
+    ctx.decode([toks[-1]])                # the last row only: sample() reads llama.cpp's logits
+    fast = chain.sample(ctx)
+    slow = alpaca2.SamplerChain().add("greedy").sample_logits(np.array(ctx.logits, copy=True))
+    assert fast == slow
+    s = alpaca2.Sampler(temp=0)
+    gen = []
+    for _ in range(12):
+        t = s.sample(ctx)
+        gen.append(t)
+        ctx.decode([t])
+    assert gen == [int(t) for t in gen] and all(0 <= t < model.n_vocab for t in gen)
+
+
 def test_sample_from_context_all_logits(model, ctx):
     toks = model.tokenize("白日依山尽，黄河入海流。")
     ctx.decode(toks, logits="all")

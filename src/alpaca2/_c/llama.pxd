@@ -354,6 +354,7 @@ cdef extern from "llama.h" nogil:
 
     float * llama_get_logits(llama_context * ctx)
     float * llama_get_logits_ith(llama_context * ctx, int32_t i)
+    llama_token llama_get_sampled_token_ith(llama_context * ctx, int32_t i)
     float * llama_get_embeddings(llama_context * ctx)
     float * llama_get_embeddings_ith(llama_context * ctx, int32_t i)
     float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id)

@@ -7,6 +7,52 @@ _SELECTING = ("greedy", "dist", "mirostat", "mirostat_v2")
 MAX_PENALTY_LAST_N = 1 << 16
 
 
+cdef inline llama_token _first_max(const float * lg, int n) noexcept nogil:
+    """llama.cpp's greedy pick over raw logits: the first index whose logit no later one beats
+    (a NaN never beats and is never beaten, so a NaN first logit is kept, as there).
+
+    One pass of block maxima (8 running maxima a block, which the compiler can keep in vector
+    registers), then the first index of the largest in the first block that reached it."""
+    cdef int i, k, s, e, blk = 0
+    cdef float best, x
+    cdef float acc[8]
+    if n <= 1 or lg[0] != lg[0]:
+        return 0
+    best = lg[0]
+    for s in range(0, n, 512):
+        e = min(s + 512, n)
+        for k in range(8):
+            acc[k] = best
+        i = s
+        while i + 8 <= e:
+            for k in range(8):
+                x = lg[i + k]
+                if x > acc[k]:
+                    acc[k] = x
+            i += 8
+        while i < e:
+            if lg[i] > acc[0]:
+                acc[0] = lg[i]
+            i += 1
+        for k in range(8):
+            if acc[k] > best:
+                best = acc[k]
+                blk = s
+    for i in range(blk, min(blk + 512, n)):
+        if lg[i] == best:
+            return i
+    return blk
+
+
+def _greedy_pick(logits):
+    """The greedy fast path's pick over a 1-d float32 array (for tests: it must equal llama.cpp's
+    greedy sampler, SamplerChain().add("greedy").sample_logits(logits), on any input)."""
+    cdef float[::1] lv = np.ascontiguousarray(logits, dtype=np.float32)
+    if lv.shape[0] == 0 or lv.shape[0] > 0x7fffffff:
+        raise ValueError("1 to 2**31-1 logits")
+    return _first_max(&lv[0], <int>lv.shape[0])
+
+
 @cython.no_gc_clear          # a grammar stage points into self._models' vocabularies
 cdef class SamplerChain:
     """A llama.cpp sampler chain built one primitive at a time.
@@ -106,8 +152,20 @@ cdef class SamplerChain:
                 if ctx._all_logits is not None:
                     return self.sample_logits(ctx._all_logits[idx])
                 # no logits (a state loaded without them, another context's state): llama.cpp would crash
-                if llama_get_logits_ith(ctx.ptr, c_idx) == NULL:
+                lg = llama_get_logits_ith(ctx.ptr, c_idx)
+                if lg == NULL:
                     raise SamplerError(f"there are no logits at output {idx} to sample from: decode first")
+                if (len(self._names) == 1 and self._names[0] == "greedy"
+                        and llama_get_sampled_token_ith(ctx.ptr, c_idx) == -1):
+                    # greedy alone: llama_sampler_sample would copy the whole vocabulary into
+                    # candidates (3 MB on a 262k vocabulary) for one pass; the same pass on the
+                    # logits picks the same token (the first largest), then the chain accepts it
+                    with nogil:
+                        tok = _first_max(lg, ctx._n_vocab)
+                        llama_sampler_accept(self.ptr, tok)
+                    if isnan(lg[tok]):
+                        raise SamplerError("the logits are NaN (NaN weights or parameters?): no token can be sampled")
+                    return tok
                 try:
                     with nogil:
                         tok = sampler_sample_cpp(self.ptr, ctx.ptr, c_idx)

@@ -35,6 +35,7 @@ from alpaca2.server.generation import Generation
 from alpaca2.server.llama_api import LlamaRoutes
 from alpaca2.server.openai_api import OpenAIRoutes
 from alpaca2.server.sleep import SleepWatch
+from alpaca2.server.streams import StreamSessions
 from alpaca2.server.tools import ToolChat
 from alpaca2.server.validation import APIError
 from alpaca2.templates import JinjaTemplate, ModelTemplate, Template, choose_template
@@ -46,7 +47,8 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
     """The HTTP side: parses requests, hands jobs to the Engine, formats the answers.
 
     Around the routes (in __call__): CORS (answers preflight OPTIONS itself), the API key
-    (every path but /health), and per-endpoint request counts for /metrics."""
+    (every path but /health), per-endpoint request counts for /metrics, and the recording of
+    resumable streams (alpaca2.server.streams)."""
 
     def __init__(self, model: Model, engine: Engine, *, model_id: str, template="auto", api_keys=(),
                  max_body=1 << 20, max_tokens_limit=None, n_predict=-1, sampling=None, seed=None,
@@ -89,6 +91,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
         self.reranking = reranking
         self.system_fingerprint = f"b-alpaca2-{alpaca2.__version__}"
         self.created = int(time.time())
+        self.streams = StreamSessions()            # resumable streams (X-Conversation-Id, /v1/stream)
         self.requests = collections.Counter()      # (endpoint, status) -> count
         self.latency_sum = collections.Counter()   # endpoint -> seconds
         self.app = self._build_app()
@@ -97,7 +100,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
     def _build_app(self):
         from starlette.applications import Starlette
 
-        routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes()
+        routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes() + self.streams.routes()
         if gcp.enabled():               # Vertex AI's custom-container contract (AIP_MODE=PREDICTION)
             post_paths = [r.path for r in routes if "POST" in (r.methods or ())]
             routes += gcp.routes(self, post_paths, self.health)
@@ -141,11 +144,11 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
             if self.sleep_watch is not None and self.sleep_watch.wakes(scope["method"], path):
                 await self.sleep_watch.enter()
                 try:
-                    await self.app(scope, receive, send_status)
+                    await self.streams.record(self.app, scope, receive, send_status)
                 finally:
                     self.sleep_watch.leave()
             else:
-                await self.app(scope, receive, send_status)
+                await self.streams.record(self.app, scope, receive, send_status)
         finally:
             self.requests[(endpoint, status[0] or 499)] += 1
             self.latency_sum[endpoint] += time.monotonic() - t0

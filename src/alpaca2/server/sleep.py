@@ -10,6 +10,7 @@ import asyncio
 import time
 
 READ_ONLY = frozenset(("/health", "/v1/health", "/props", "/models", "/v1/models", "/metrics", "/slots"))
+STREAMS = frozenset(("/v1/stream", "/v1/streams/lookup"))      # replays of recorded streams need no model
 
 
 class SleepWatch:
@@ -23,7 +24,8 @@ class SleepWatch:
         self._task = None
 
     def wakes(self, method: str, path: str) -> bool:
-        return not ((method == "GET" and (path in READ_ONLY or path.startswith("/v1/models/"))) or method == "OPTIONS")
+        return not ((method == "GET" and (path in READ_ONLY or path.startswith("/v1/models/"))) or method == "OPTIONS"
+                    or path in STREAMS)
 
     def start(self):
         """Start watching (in the server's event loop, once it runs)."""

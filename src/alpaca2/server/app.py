@@ -34,7 +34,7 @@ from alpaca2.server.engine import Engine
 from alpaca2.server.generation import Generation
 from alpaca2.server.llama_api import LlamaRoutes
 from alpaca2.server.openai_api import OpenAIRoutes
-from alpaca2.server.sleep import SleepWatch
+from alpaca2.server.sleep import SleepWatch, reads_state
 from alpaca2.server.streams import StreamSessions
 from alpaca2.server.tools import ToolChat
 from alpaca2.server.validation import APIError
@@ -47,7 +47,8 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
     """The HTTP side: parses requests, hands jobs to the Engine, formats the answers.
 
     Around the routes (in __call__): CORS (answers preflight OPTIONS itself), the API key
-    (every path but /health), per-endpoint request counts for /metrics, and the recording of
+    (every path but /health), per-endpoint request counts for /metrics (successful monitoring
+    reads are left out), and the recording of
     resumable streams (alpaca2.server.streams)."""
 
     def __init__(self, model: Model, engine: Engine, *, model_id: str, template="auto", api_keys=(),
@@ -150,8 +151,11 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
             else:
                 await self.streams.record(self.app, scope, receive, send_status)
         finally:
-            self.requests[(endpoint, status[0] or 499)] += 1
-            self.latency_sum[endpoint] += time.monotonic() - t0
+            # successful monitoring reads are not counted: scraping /metrics (or polling /health,
+            # /props) must not change what the next scrape reads, asleep or awake
+            if not (reads_state(scope["method"], path) and 200 <= status[0] < 400):
+                self.requests[(endpoint, status[0] or 499)] += 1
+                self.latency_sum[endpoint] += time.monotonic() - t0
 
     def _cors_headers(self, scope) -> list:
         """llama-server's CORS answer: the Origin reflected when it is allowed ('*': any;

@@ -56,7 +56,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
                  slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=(),
                  formatter=None, reasoning_format="deepseek", chat_template_kwargs=None, verbose=False,
-                 sleep_idle_seconds=-1):
+                 sleep_idle_seconds=-1, reasoning_budget=-1, reasoning_budget_message=""):
         self.model = model
         self.engine = engine
         self.model_id = model_id
@@ -67,6 +67,8 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
         # or no Jinja template at hand (then requests with tools get 400, as llama-server's)
         self.formatter = formatter or getattr(self.template, "formatter", None)
         self.reasoning_format = reasoning_format
+        self.reasoning_budget = reasoning_budget                  # thinking tokens (-1: no budget)
+        self.reasoning_budget_message = reasoning_budget_message  # said before the forced end of thinking
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.verbose = verbose          # answers carry llama-server's __verbose (the prompt), as with its -v
         self.enable_thinking = bool(self.formatter is not None and self.formatter.supports_thinking)
@@ -313,7 +315,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
                      formatter=formatter, reasoning_format=args.reasoning_format,
                      chat_template_kwargs=args.template_kwargs, verbose=args.verbose,
-                     sleep_idle_seconds=args.sleep_idle_seconds)
+                     sleep_idle_seconds=args.sleep_idle_seconds, reasoning_budget=args.reasoning_budget,
+                     reasoning_budget_message=args.reasoning_budget_message)
         port = gcp.port(args.port) if gcp.enabled() else args.port
         socks = [_listen_socket(h, port) for h in hosts]
         host, port = socks[0].getsockname()[:2]

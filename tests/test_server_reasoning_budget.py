@@ -7,6 +7,7 @@ token for token the same until the budget is spent): with budget B, the answer m
 answer's first B - (tokens of the prompt after ``<think>``) tokens, then the message and
 ``</think>``, then more text.
 """
+import json
 import subprocess
 import sys
 
@@ -182,7 +183,6 @@ def test_reasoning_content_and_streaming(server):
     assert msg["reasoning_content"].strip() == MESSAGE and msg["content"]
     reasoning, content = [], []
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=dict(body, stream=True), timeout=120) as s:
-        import json
         for line in s.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 delta = json.loads(line[6:])["choices"][0]["delta"]

@@ -218,7 +218,7 @@ def test_api_key(tiny_path, mid):
             s.client(api_key="wrong").models.list()
         r = httpx.get(s.url + "/v1/models", timeout=30)           # no key at all
         assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
-        assert httpx.get(s.url + "/metrics", timeout=30).status_code == 401
+        assert httpx.get(s.url + "/metrics", timeout=30).status_code == 401     # failed reads are counted
         assert httpx.get(s.url + "/health", timeout=30).status_code == 200
         good = s.client(api_key="sekrit")
         assert [m.id for m in good.models.list()] == [mid]
@@ -226,6 +226,7 @@ def test_api_key(tiny_path, mid):
         assert r.usage.prompt_tokens > 0
         assert "alpaca2_requests_total" in httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer sekrit"},
                                                      timeout=30).text
+        assert s.metrics(Authorization="Bearer sekrit")['alpaca2_requests_total{endpoint="/metrics",code="401"}'] == 1
         assert httpx.get(s.url + "/v1/models", headers={"x-api-key": "sekrit"}, timeout=30).status_code == 200
         assert httpx.get(s.url + "/v1/models", headers={"x-api-key": "sekri"}, timeout=30).status_code == 401
         r = httpx.options(s.url + "/v1/chat/completions", timeout=30,     # a CORS preflight needs no key
@@ -319,6 +320,13 @@ def test_metrics(server, client, tiny_path, mid):
         assert f"# TYPE alpaca2_{name} " in text
     m = server.metrics()
     assert m['alpaca2_requests_total{endpoint="/v1/completions",code="200"}'] >= 1
+    # monitoring reads that succeed are not counted: scraping leaves the next scrape's counts alone
+    for path in ("/health", "/props", "/v1/models", "/slots", "/metrics"):
+        assert httpx.get(server.url + path, timeout=30).status_code == 200
+    again = server.metrics()
+    assert not any("/metrics" in k or "/health" in k or "/props" in k or "/slots" in k for k in again)
+    assert {k: v for k, v in again.items() if "requests_total" in k} == \
+        {k: v for k, v in m.items() if "requests_total" in k}
     assert m["alpaca2_completion_tokens_total"] >= 4 and m["alpaca2_tokens_per_second"] > 0
     assert m["alpaca2_slots_total"] == 4
 

@@ -190,7 +190,7 @@ def _lazy_tensors(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, seed, dtype
 
 def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_size=800,
                name="tiny-llama", chat_template=None, n_layer=None, return_weights=False,
-               lazy=None):
+               lazy=None, added_tokens=()):
     """Write a llama-architecture GGUF model at path and return the path (and the Weights).
 
     ``shape``: a key of SHAPES or a dict with n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx_train.
@@ -198,6 +198,8 @@ def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_si
     the model.  ``ftype``: "f32" or "f16" (quantize further with alpaca2.quantize).
     ``lazy``: make and write one tensor at a time (other random values, same statistics), so a
     7B/13B shape needs memory for its largest tensor only; default: when it has over 1e9 weights.
+    ``added_tokens``: texts appended to the vocabulary as user-defined tokens (one id each, matched
+    whole in any text, as a real model's ``<think>``).
     """
     gguf = _require("gguf")
     path = Path(path)
@@ -212,6 +214,8 @@ def make_model(path, shape="tiny", tokenizer=None, ftype="f32", seed=0, vocab_si
     if tokenizer is None:
         tokenizer = train_tokenizer(path.with_suffix(".tokenizer.model"), vocab_size=vocab_size)
     pieces, scores, types, _ = _vocab_from_spm(tokenizer)
+    for text in added_tokens:
+        pieces, scores, types = pieces + [text], scores + [0.0], types + [TOKEN_USER_DEFINED]
     if ftype not in ("f32", "f16"):
         raise ValueError("ftype must be 'f32' or 'f16'; quantize with alpaca2.quantize")
     mat_dtype = np.float16 if ftype == "f16" else np.float32

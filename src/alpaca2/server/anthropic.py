@@ -84,6 +84,12 @@ def to_openai(body) -> dict:
     for key in PASSED_ON:
         if key in body:
             oai[key] = body[key]
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":     # as llama-server: a budget
+        budget = thinking.get("budget_tokens", 10000)
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise bad("'thinking.budget_tokens' must be an integer", "thinking")
+        oai["thinking_budget_tokens"] = budget
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):

@@ -34,7 +34,8 @@ from alpaca2.server.engine import Engine
 from alpaca2.server.generation import Generation
 from alpaca2.server.llama_api import LlamaRoutes
 from alpaca2.server.openai_api import OpenAIRoutes
-from alpaca2.server.sleep import SleepWatch
+from alpaca2.server.sleep import SleepWatch, reads_state
+from alpaca2.server.streams import StreamSessions
 from alpaca2.server.tools import ToolChat
 from alpaca2.server.validation import APIError
 from alpaca2.templates import JinjaTemplate, ModelTemplate, Template, choose_template
@@ -46,14 +47,16 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
     """The HTTP side: parses requests, hands jobs to the Engine, formats the answers.
 
     Around the routes (in __call__): CORS (answers preflight OPTIONS itself), the API key
-    (every path but /health), and per-endpoint request counts for /metrics."""
+    (every path but /health), per-endpoint request counts for /metrics (successful monitoring
+    reads are left out), and the recording of
+    resumable streams (alpaca2.server.streams)."""
 
     def __init__(self, model: Model, engine: Engine, *, model_id: str, template="auto", api_keys=(),
                  max_body=1 << 20, max_tokens_limit=None, n_predict=-1, sampling=None, seed=None,
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
                  slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=(),
                  formatter=None, reasoning_format="deepseek", chat_template_kwargs=None, verbose=False,
-                 sleep_idle_seconds=-1):
+                 sleep_idle_seconds=-1, reasoning_budget=-1, reasoning_budget_message=""):
         self.model = model
         self.engine = engine
         self.model_id = model_id
@@ -64,6 +67,8 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
         # or no Jinja template at hand (then requests with tools get 400, as llama-server's)
         self.formatter = formatter or getattr(self.template, "formatter", None)
         self.reasoning_format = reasoning_format
+        self.reasoning_budget = reasoning_budget                  # thinking tokens (-1: no budget)
+        self.reasoning_budget_message = reasoning_budget_message  # said before the forced end of thinking
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.verbose = verbose          # answers carry llama-server's __verbose (the prompt), as with its -v
         self.enable_thinking = bool(self.formatter is not None and self.formatter.supports_thinking)
@@ -89,6 +94,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
         self.reranking = reranking
         self.system_fingerprint = f"b-alpaca2-{alpaca2.__version__}"
         self.created = int(time.time())
+        self.streams = StreamSessions()            # resumable streams (X-Conversation-Id, /v1/stream)
         self.requests = collections.Counter()      # (endpoint, status) -> count
         self.latency_sum = collections.Counter()   # endpoint -> seconds
         self.app = self._build_app()
@@ -97,7 +103,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
     def _build_app(self):
         from starlette.applications import Starlette
 
-        routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes()
+        routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes() + self.streams.routes()
         if gcp.enabled():               # Vertex AI's custom-container contract (AIP_MODE=PREDICTION)
             post_paths = [r.path for r in routes if "POST" in (r.methods or ())]
             routes += gcp.routes(self, post_paths, self.health)
@@ -141,14 +147,17 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
             if self.sleep_watch is not None and self.sleep_watch.wakes(scope["method"], path):
                 await self.sleep_watch.enter()
                 try:
-                    await self.app(scope, receive, send_status)
+                    await self.streams.record(self.app, scope, receive, send_status)
                 finally:
                     self.sleep_watch.leave()
             else:
-                await self.app(scope, receive, send_status)
+                await self.streams.record(self.app, scope, receive, send_status)
         finally:
-            self.requests[(endpoint, status[0] or 499)] += 1
-            self.latency_sum[endpoint] += time.monotonic() - t0
+            # successful monitoring reads are not counted: scraping /metrics (or polling /health,
+            # /props) must not change what the next scrape reads, asleep or awake
+            if not (reads_state(scope["method"], path) and 200 <= status[0] < 400):
+                self.requests[(endpoint, status[0] or 499)] += 1
+                self.latency_sum[endpoint] += time.monotonic() - t0
 
     def _cors_headers(self, scope) -> list:
         """llama-server's CORS answer: the Origin reflected when it is allowed ('*': any;
@@ -306,7 +315,8 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      aliases=aliases, tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
                      formatter=formatter, reasoning_format=args.reasoning_format,
                      chat_template_kwargs=args.template_kwargs, verbose=args.verbose,
-                     sleep_idle_seconds=args.sleep_idle_seconds)
+                     sleep_idle_seconds=args.sleep_idle_seconds, reasoning_budget=args.reasoning_budget,
+                     reasoning_budget_message=args.reasoning_budget_message)
         port = gcp.port(args.port) if gcp.enabled() else args.port
         socks = [_listen_socket(h, port) for h in hosts]
         host, port = socks[0].getsockname()[:2]

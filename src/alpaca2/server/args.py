@@ -58,11 +58,15 @@ def _gpu_layers(text):
     return _int_in(-1, 1 << 20)(text)
 
 
-def _unrestricted_budget(text):
-    """llama-server's --reasoning-budget, of which only -1 (no budget) is supported here."""
-    if text.strip() != "-1":
-        raise argparse.ArgumentTypeError(f"{text!r}: only -1 (unrestricted) is supported; a thinking budget is not")
-    return -1
+def _budget(text):
+    """llama-server's --reasoning-budget: -1 (unrestricted), 0 (end thinking at once) or N tokens."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -1 <= value <= (1 << 31) - 1:
+        raise argparse.ArgumentTypeError(f"{value}: the budget is -1 (unrestricted), 0 or a number of tokens")
+    return value
 
 
 def _on_off_auto(text):
@@ -196,8 +200,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    "deepseek-legacy (both), auto")
     t.add_argument("-rea", "--reasoning", choices=["on", "off", "auto"], default="auto",
                    help="let the model think, where its template supports it (default auto: as the template)")
-    t.add_argument("--reasoning-budget", type=_unrestricted_budget, default=-1, metavar="N",
-                   help="accepted: -1 only (unrestricted thinking; a token budget is not supported yet)")
+    t.add_argument("--reasoning-budget", type=_budget, default=-1, metavar="N",
+                   help="token budget for thinking: -1 for unrestricted, 0 for immediate end, N>0 for a token "
+                   "budget (default: -1); a request's reasoning_budget_tokens wins")
+    t.add_argument("--reasoning-budget-message", default="", metavar="MESSAGE",
+                   help="message injected before the end-of-thinking tag when the reasoning budget is exhausted "
+                   "(default: none)")
     t.add_argument("--template", choices=["auto", "alpaca2", "model", "completion"], default="auto",
                    help="chat prompt format (default: auto from the model's metadata)")
 

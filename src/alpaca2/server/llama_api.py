@@ -308,7 +308,8 @@ class LlamaRoutes:
             for labels, value in samples:
                 lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
                 lines.append(f"alpaca2_{name}{{{lab}}} {value}" if lab else f"alpaca2_{name} {value}")
-        metric("requests_total", "counter", "HTTP requests by endpoint and status code.",
+        metric("requests_total", "counter", "HTTP requests by endpoint and status code (successful "
+               "GETs of /health, /props, /models, /metrics and /slots are not counted).",
                [({"endpoint": ep, "code": str(code)}, n) for (ep, code), n in sorted(self.requests.items())])
         metric("request_duration_seconds_total", "counter", "Time spent answering requests, by endpoint.",
                [({"endpoint": ep}, round(s, 6)) for ep, s in sorted(self.latency_sum.items())])

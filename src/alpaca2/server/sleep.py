@@ -10,6 +10,13 @@ import asyncio
 import time
 
 READ_ONLY = frozenset(("/health", "/v1/health", "/props", "/models", "/v1/models", "/metrics", "/slots"))
+STREAMS = frozenset(("/v1/stream", "/v1/streams/lookup"))      # replays of recorded streams need no model
+
+
+def reads_state(method: str, path: str) -> bool:
+    """A monitoring read (health, props, models, metrics, slots): it leaves the server asleep, and
+    /metrics does not count it when it succeeds (a scrape would change what the next one reads)."""
+    return method == "GET" and (path in READ_ONLY or path.startswith("/v1/models/"))
 
 
 class SleepWatch:
@@ -23,7 +30,7 @@ class SleepWatch:
         self._task = None
 
     def wakes(self, method: str, path: str) -> bool:
-        return not ((method == "GET" and (path in READ_ONLY or path.startswith("/v1/models/"))) or method == "OPTIONS")
+        return not (reads_state(method, path) or method == "OPTIONS" or path in STREAMS)
 
     def start(self):
         """Start watching (in the server's event loop, once it runs)."""

@@ -12,6 +12,7 @@ import json
 
 from alpaca2._core import Sampler, SamplerChain
 from alpaca2.errors import Alpaca2Error
+from alpaca2.server.reasoning_budget import budget_fields, with_budget
 from alpaca2.server.validation import bad, check_text
 
 TOOL_CHOICES = ("auto", "none", "required")
@@ -198,7 +199,9 @@ class ToolChat:
             raise bad(str(e), "tools" if body.get("tools") else "messages") from None
 
     def formatter_jobs(self, body, res, n, n_probs):
-        """Jobs for a rendered request: the template's grammar, stops and preserved tokens."""
+        """Jobs for a rendered request: the template's grammar, stops and preserved tokens, and the
+        thinking budget (alpaca2.server.reasoning_budget) where the template has thinking tags."""
+        budget, message = budget_fields(body, self.reasoning_budget, self.reasoning_budget_message)
         grammar = None
         if res["grammar"]:
             grammar = {"gbnf": res["grammar"], "lazy": res["grammar_lazy"], "patterns": res["lazy_patterns"],
@@ -206,8 +209,14 @@ class ToolChat:
         fields = body
         if grammar is not None:    # the template's grammar covers the request's; without one the request's own applies
             fields = {k: v for k, v in body.items() if k not in ("grammar", "json_schema", "response_format")}
-        return self.jobs_for(fields, res["prompt_tokens"], False, n=n, n_probs=n_probs, template_grammar=grammar,
+        jobs = self.jobs_for(fields, res["prompt_tokens"], False, n=n, n_probs=n_probs, template_grammar=grammar,
                              extra_stop=res["additional_stops"], preserved=res["preserved_token_ids"])
+        for job in jobs:
+            sampler = with_budget(self.model, job.sampler, res, budget, message)
+            if sampler is not job.sampler:
+                job.sampler = sampler
+                job.speculate = False       # drafts would be verified without the budget's forcing
+        return jobs
 
     def parse_answer(self, res, text, finish) -> dict:
         """The assistant message in the answer's text (tool calls, reasoning); text as it is when

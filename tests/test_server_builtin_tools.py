@@ -286,3 +286,13 @@ def test_runtime_header_errors_are_500(server, runtime, words):
     assert r.status_code == 500
     assert words in r.json()["error"]["message"]
     assert not os.path.exists("/tmp/pwned")
+
+
+def test_lone_surrogates_get_answers_not_crashes(server, tmp_path):
+    body = ('{"tool": "write_file", "params": {"path": "%s/\\ud800.txt", "content": "x"}}' % tmp_path).encode()
+    r = httpx.post(server.url + "/tools", content=body, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 200
+    assert r.json()["error"].startswith("failed to write file")
+    body = b'{"tool": "exec_shell_command", "params": {"command": "echo \\ud800"}}'
+    r = httpx.post(server.url + "/tools", content=body, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 200 and "[exit code: -1]" in r.json()["plain_text_response"]

@@ -159,8 +159,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
 
     async def tools_call(self, request):
         """POST /tools: run one built-in tool (builtin_tools.py)."""
-        result = await self._tools().call(request)
-        return self._json(result) if isinstance(result, dict) else result
+        return await self._tools().call(request)
 
     def _tools(self):
         if self.builtin_tools is None:

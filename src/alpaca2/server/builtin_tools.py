@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import os
 import re
@@ -30,6 +31,7 @@ GREP_SEARCH_MAX_RESULTS = 100
 EXEC_MAX_OUTPUT = 16 * 1024                     # 16 KB
 EXEC_MAX_TIMEOUT = 60                           # seconds
 GET_INFO_MAX_OUTPUT, GET_INFO_TIMEOUT = 4096, 5
+WORKERS = 8         # tool calls run at once; more wait (their own threads: tokenizing never waits on them)
 
 
 class ToolParamError(ValueError):
@@ -425,6 +427,13 @@ def check_tool_names(names) -> list:
     return list(names)
 
 
+def _ascii_json(data):
+    """JSON escaped to ASCII: paths or text with lone surrogates (names that are not UTF-8, JSON
+    escapes in the request) stay valid JSON instead of failing to encode."""
+    from starlette.responses import Response
+    return Response(json.dumps(data), media_type="application/json")
+
+
 def _header(request, name: str) -> str:
     value = request.headers.get(name, "")
     return value.encode("latin-1", errors="replace").decode("utf-8", errors="replace")   # paths in UTF-8
@@ -438,10 +447,15 @@ class BuiltinTools:
         self.tools = [cls() for cls in ALL_TOOLS if "all" in enabled or cls.name in enabled]
         self.max_body, self.body_timeout = max_body, body_timeout
         self.runtime = make_runtime(runtime) if runtime else None       # raises ToolRuntimeError
+        self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="alpaca2-tools")
 
     def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if self.runtime is not None:
             self.runtime.close()
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def listing(self) -> list:
         return [t.to_json() for t in self.tools]
@@ -476,19 +490,18 @@ class BuiltinTools:
                 params[key] = value
         try:
             if "runtime" not in params and self.runtime is not None:
-                params["runtime"] = await asyncio.to_thread(self.runtime.spec)
+                params["runtime"] = await self._run(self.runtime.spec)
             tool = self._find(name, stream)
             if stream:
                 return self._stream(tool, params)
-            result = await asyncio.to_thread(tool.invoke, params, None)
+            result = await self._run(tool.invoke, params, None)
         except ToolParamError as e:
             raise bad(str(e)) from None
         except ToolRuntimeError as e:
             raise APIError(500, str(e), type="server_error") from None
-        return result
+        return _ascii_json(result)
 
-    @staticmethod
-    def _stream(tool: Tool, params: dict):
+    def _stream(self, tool: Tool, params: dict):
         from starlette.responses import StreamingResponse
 
         async def events():
@@ -516,11 +529,11 @@ class BuiltinTools:
                     done["error"] = f"internal error: {type(e).__name__}"
                 put(done)
 
-            loop.run_in_executor(None, work)
+            loop.run_in_executor(self._pool, work)
             try:
                 while True:
                     item = await queue.get()
-                    yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+                    yield f"data: {json.dumps(item)}\n\n"
                     if item.get("done"):
                         return
             finally:

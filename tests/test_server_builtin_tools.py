@@ -273,7 +273,9 @@ def test_a_client_that_leaves_a_stream_ends_the_command(server, tmp_path):
 def test_bad_requests(server, body, status, words):
     r = httpx.post(server.url + "/tools", json=body, headers=AUTH, timeout=30)
     assert r.status_code == status, r.text
-    assert words in r.json()["error"]["message"]
+    # llama-server's shape for /tools errors, which llama.cpp's web UI reads
+    assert r.json() == {"code": status, "message": r.json()["message"], "type": "invalid_request_error"}
+    assert words in r.json()["message"]
 
 
 @pytest.mark.parametrize("runtime, words", [
@@ -284,7 +286,7 @@ def test_bad_requests(server, body, status, words):
 def test_runtime_header_errors_are_500(server, runtime, words):
     r = call(server, "exec_shell_command", {"command": "echo hi"}, {"x-tool-runtime": runtime})
     assert r.status_code == 500
-    assert words in r.json()["error"]["message"]
+    assert r.json()["type"] == "server_error" and words in r.json()["message"]
     assert not os.path.exists("/tmp/pwned")
 
 

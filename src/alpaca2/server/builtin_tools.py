@@ -427,11 +427,11 @@ def check_tool_names(names) -> list:
     return list(names)
 
 
-def _ascii_json(data):
+def _ascii_json(data, status=200):
     """JSON escaped to ASCII: paths or text with lone surrogates (names that are not UTF-8, JSON
     escapes in the request) stay valid JSON instead of failing to encode."""
     from starlette.responses import Response
-    return Response(json.dumps(data), media_type="application/json")
+    return Response(json.dumps(data), status_code=status, media_type="application/json")
 
 
 def _header(request, name: str) -> str:
@@ -469,7 +469,17 @@ class BuiltinTools:
         raise APIError(404, f"unknown tool \"{name}\"")
 
     async def call(self, request):
-        """POST /tools: the tool's JSON answer, or its output as server-sent events with stream."""
+        """POST /tools: the tool's JSON answer, or its output as server-sent events with stream.
+
+        A failed call is answered in llama-server's shape for /tools, {"code", "message", "type"}
+        (not OpenAI's {"error": {...}}): llama.cpp's web UI reads `message` (a string `error` is a
+        tool's own answer, with status 200)."""
+        try:
+            return await self._call(request)
+        except APIError as e:
+            return _ascii_json({"code": e.status, "message": e.message, "type": e.type}, e.status)
+
+    async def _call(self, request):
         body = await read_json(request, self.max_body, self.body_timeout)
         name = body.get("tool")
         if not isinstance(name, str):

@@ -6,6 +6,7 @@ The helpers are tested directly; the endpoints on a real server subprocess with 
 """
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -19,7 +20,8 @@ from server_process import ServerProcess  # noqa: E402
 from alpaca2.server import args as server_args  # noqa: E402
 from alpaca2.server.tool_edit import EditError, apply_edits  # noqa: E402
 from alpaca2.server.tool_glob import glob_match, path_glob_match  # noqa: E402
-from alpaca2.server.tool_io import LocalIO, ToolRuntimeError, make_io, run_subprocess  # noqa: E402
+from alpaca2.server.tool_io import (ContainerIO, ContainerRuntime, LocalIO, SshIO, ToolRuntimeError, make_io,  # noqa: E402
+                                    run_subprocess)
 
 KEY = "tools-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -90,6 +92,77 @@ def test_exec_spawn_failure_is_an_answer():
 def test_runtimes_that_could_inject_options_are_refused(runtime, message):
     with pytest.raises(ToolRuntimeError, match=message):
         make_io("", runtime)
+
+
+FAKE_ENGINE = """#!/bin/sh
+# `<engine> exec [-i] ID CMD...` run here: the isolate is this machine
+[ "$1" = exec ] || exit 1
+shift; [ "$1" = -i ] && shift
+shift
+exec "$@"
+"""
+
+FAKE_SSH = """#!/bin/sh
+# ssh OPTIONS... [-n] TARGET COMMAND: the far side's shell re-parses COMMAND
+for last; do :; done
+exec sh -c "$last"
+"""
+
+
+@pytest.fixture(params=["container", "ssh"])
+def isolate(request, tmp_path):
+    fake = tmp_path / "fake-bin"
+    fake.write_text(FAKE_ENGINE if request.param == "container" else FAKE_SSH)
+    fake.chmod(0o755)
+    work = tmp_path / "isolate"
+    work.mkdir()
+    if request.param == "container":
+        return ContainerIO(str(fake), "c0ffee", str(work)), work
+    io = SshIO("user@host", str(work))
+    io.build_argv = lambda inner, needs_stdin, b=io.build_argv: [str(fake)] + b(inner, needs_stdin)[1:]
+    return io, work
+
+
+def test_isolate_io_runs_everything_as_commands_there(isolate):
+    io, work = isolate
+    name = "it's a \"file\" $HOME.txt"          # quotes and $: the far side must get it verbatim
+    assert io.write_file(f"sub/{name}", b"one\ntwo\n")
+    assert (work / "sub" / name).read_bytes() == b"one\ntwo\n"
+    assert io.is_regular_file(f"sub/{name}") and io.is_directory("sub") and not io.is_directory("nope")
+    assert io.file_size(f"sub/{name}") == 8
+    assert io.read_file(f"sub/{name}") == b"one\ntwo\n"
+    assert io.read_file("missing") is None
+    (work / "node_modules").mkdir()
+    (work / "node_modules" / "x.js").write_text("x")
+    listing = io.list_entries(str(work), 0, "all")
+    assert sorted(listing.entries) == [("node_modules", True), ("sub", True), (f"sub/{name}", False)]
+    res = io.run(["sh", "-c", "pwd; exit 5"], 1000, 5)
+    assert res.output == f"{work}\n" and res.exit_code == 5
+    res = io.run(["sleep", "10"], 1000, 1)          # the isolate's own `timeout` ends it
+    assert res.exit_code == 124
+
+
+FAKE_RUN = """#!/bin/sh
+# `<engine> run --rm -i --cidfile FILE IMAGE sh`: writes an id, then lives while its stdin is open
+echo "cid-$$" > "$5"
+exec cat > /dev/null
+"""
+
+
+def test_a_spawned_container_is_respawned_and_stopped(tmp_path):
+    fake = tmp_path / "engine"
+    fake.write_text(FAKE_RUN)
+    fake.chmod(0o755)
+    runtime = ContainerRuntime(str(fake), "busybox")
+    first = runtime.spec()
+    assert first == f"{fake}-container:cid-{runtime.proc.pid}"
+    runtime.proc.kill()                 # died on its own: the next call gets a new one
+    runtime.proc.wait()
+    second = runtime.spec()
+    assert second != first
+    proc = runtime.proc
+    runtime.close()                     # stdin closed: the container's shell ends (and --rm removes it)
+    assert proc.poll() is not None
 
 
 def test_local_paths_resolve_against_cwd_and_home(tmp_path, monkeypatch):
@@ -298,3 +371,26 @@ def test_lone_surrogates_get_answers_not_crashes(server, tmp_path):
     body = b'{"tool": "exec_shell_command", "params": {"command": "echo \\ud800"}}'
     r = httpx.post(server.url + "/tools", content=body, headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 200 and "[exit code: -1]" in r.json()["plain_text_response"]
+
+
+def test_tools_runtime_routes_every_call_to_the_isolate(tiny_path, tmp_path):
+    fake_dir = tmp_path / "bin"
+    fake_dir.mkdir()
+    docker = fake_dir / "docker"
+    # the fake engine tells which container the command ran in
+    docker.write_text(FAKE_ENGINE.replace('shift\nexec "$@"', 'IN_ISOLATE=$1; export IN_ISOLATE; shift\nexec "$@"'))
+    docker.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake_dir}:{os.environ['PATH']}")
+    s = ServerProcess.__new__(ServerProcess)
+    s.start([sys.executable, "-m", "alpaca2", "serve", "-m", str(tiny_path), "--port", "0", "-t", "1", "-np", "1",
+             "-c", "256", "--tools", "exec_shell_command", "--tools-runtime", "docker-container:c0ffee"], env=env)
+    try:
+        res = ok(s, "exec_shell_command", {"command": "echo in=$IN_ISOLATE"})
+        assert res["plain_text_response"] == "in=c0ffee\n\n[exit code: 0]"
+        # the header wins over --tools-runtime
+        res = ok(s, "exec_shell_command", {"command": "echo in=$IN_ISOLATE"},
+                 {"x-tool-runtime": "docker-container:other1"})
+        assert res["plain_text_response"] == "in=other1\n\n[exit code: 0]"
+        assert [t["tool"] for t in httpx.get(s.url + "/tools").json()] == ["exec_shell_command"]
+    finally:
+        s.stop()

@@ -12,16 +12,19 @@ downloaded, so this script:
    the reranker preset gets the embedding model (no rank head: both servers score by the first value of
    the last token's hidden state, llama-server's --reranking on such a model); the router preset (no
    model: router mode, which alpaca2 does not have) gets the chat model, for both servers;
-2. copies the suite to build/server-suite/tests (llama.cpp's files are never committed or edited
-   in place) and adds a pytest plugin that points every preset at those files and skips the
-   Hub pre-download;
+2. copies the suite to build/server-suite/root-<server>/tools/server/tests (llama.cpp's files are
+   never committed or edited in place; the copy keeps llama.cpp's layout, so test_tools_builtin's
+   PROJECT_ROOT, four levels up, is a llama.cpp-shaped root outside any git repository: git's
+   search for one stops at build/server-suite, GIT_CEILING_DIRECTORIES) and adds a pytest plugin
+   that points every preset at those files and skips the Hub pre-download;
 3. runs it once per server (not in parallel, one port range each, -p no:cacheprovider, a
    per-test timeout) and writes benchmarks/results/server-suite.md: passed/failed/skipped per
    test file for each server, and the tests llama-server passes that alpaca2 fails.
 
 Random weights mean the tests that check generated text for words of the stories models
 ("(Ben|lumber)+") fail for both servers alike; the comparison is what matters.
-Left out, as in the issue: vision, MCP, router/proxy, LoRA, built-in server tools.
+Left out, as in the issue: vision, MCP, router/proxy, LoRA.  The built-in tools' container tests
+(docker/podman) skip themselves where neither is installed.
 Needs: pip install requests wget filelock pytest-timeout pytest-xdist openai (the suite's requirements).
 """
 from __future__ import annotations
@@ -41,8 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "vendor" / "llama.cpp" / "tools" / "server" / "tests"
 WORK = ROOT / "build" / "server-suite"
 RESULTS = ROOT / "benchmarks" / "results" / "server-suite.md"
-LEFT_OUT = ["test_vision_api.py", "test_mcp_servers.py", "test_router.py", "test_proxy.py", "test_lora.py",
-            "test_tools_builtin.py"]
+LEFT_OUT = ["test_vision_api.py", "test_mcp_servers.py", "test_router.py", "test_proxy.py", "test_lora.py"]
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -146,9 +148,10 @@ def make_models(out: Path) -> dict:
 
 def prepare(models: dict, name: str) -> Path:
     """A fresh copy of the suite with the plugin, one per server (runs may overlap); returns it."""
-    dst = WORK / f"tests-{name}"
-    if dst.exists():
-        shutil.rmtree(dst)
+    root = WORK / f"root-{name}"
+    if root.exists():
+        shutil.rmtree(root)
+    dst = root / "tools" / "server" / "tests"
     shutil.copytree(SUITE, dst, ignore=shutil.ignore_patterns("tmp", "__pycache__", ".pytest_cache"))
     (dst / "alpaca2_presets.py").write_text(PLUGIN.format(models=models, suite=str(SUITE)))
     return dst
@@ -182,7 +185,7 @@ def llama_server_bin() -> str:
 def run(name: str, binary: str, tests: Path, port: int, timeout: int, extra: list, jobs: int = 1) -> Path:
     xml = WORK / f"{name}.xml"
     env = dict(os.environ, LLAMA_SERVER_BIN_PATH=binary, SUITE_PORT_BASE=str(port), PYTHONPATH=str(tests),
-               LLAMA_CACHE=str(WORK / "cache"))
+               LLAMA_CACHE=str(WORK / "cache"), GIT_CEILING_DIRECTORIES=str(WORK))
     cmd = ["nice", "-n", "5", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "alpaca2_presets",
            f"--timeout={timeout}", f"--junitxml={xml}", "-m", "not slow", "unit"]
     cmd += [f"--ignore=unit/{f}" for f in LEFT_OUT] + extra

@@ -56,7 +56,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
                  slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=(),
                  formatter=None, reasoning_format="deepseek", chat_template_kwargs=None, verbose=False,
-                 sleep_idle_seconds=-1, reasoning_budget=-1, reasoning_budget_message=""):
+                 sleep_idle_seconds=-1, reasoning_budget=-1, reasoning_budget_message="", builtin_tools=None):
         self.model = model
         self.engine = engine
         self.model_id = model_id
@@ -92,6 +92,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
         if slot_save_path:                  # as llama-server: made at startup
             os.makedirs(slot_save_path, exist_ok=True)
         self.reranking = reranking
+        self.builtin_tools = builtin_tools      # --tools: alpaca2.server.builtin_tools.BuiltinTools, or None
         self.system_fingerprint = f"b-alpaca2-{alpaca2.__version__}"
         self.created = int(time.time())
         self.streams = StreamSessions()            # resumable streams (X-Conversation-Id, /v1/stream)
@@ -103,7 +104,9 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
     def _build_app(self):
         from starlette.applications import Starlette
 
+        from starlette.routing import Route
         routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes() + self.streams.routes()
+        routes += [Route("/tools", self.tools_list, methods=["GET"]), Route("/tools", self.tools_call, methods=["POST"])]
         if gcp.enabled():               # Vertex AI's custom-container contract (AIP_MODE=PREDICTION)
             post_paths = [r.path for r in routes if "POST" in (r.methods or ())]
             routes += gcp.routes(self, post_paths, self.health)
@@ -158,6 +161,19 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
             if not (reads_state(scope["method"], path) and 200 <= status[0] < 400):
                 self.requests[(endpoint, status[0] or 499)] += 1
                 self.latency_sum[endpoint] += time.monotonic() - t0
+
+    async def tools_list(self, request):
+        """GET /tools: the built-in tools --tools enabled (403 without --tools, as llama-server)."""
+        return self._json(self._tools().listing())
+
+    async def tools_call(self, request):
+        """POST /tools: run one built-in tool (builtin_tools.py)."""
+        return await self._tools().call(request)
+
+    def _tools(self):
+        if self.builtin_tools is None:
+            raise APIError(403, "this feature is disabled", type="feature_disabled")
+        return self.builtin_tools
 
     def _cors_headers(self, scope) -> list:
         """llama-server's CORS answer: the Origin reflected when it is allowed ('*': any;
@@ -279,11 +295,31 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
 
     ``args``: the namespace of alpaca2.server.args' parser; ``model_kwargs``: more Model(...)
     arguments (mmap, RPC servers, tensor split)."""
-    import uvicorn
     hosts = [h.strip() for h in args.host.split(",") if h.strip()]       # llama-server: several, comma-separated
     if any(h not in ("127.0.0.1", "localhost", "::1") for h in hosts) and not args.api_keys:
         print(f"alpaca2: WARNING: serving on {args.host} without --api-key: anyone who reaches this port "
               "can use the model", file=sys.stderr)
+    builtin_tools = None
+    if args.tools:          # before the model: a bad --tools-runtime fails fast
+        from alpaca2.server.builtin_tools import BuiltinTools
+        from alpaca2.server.tool_io import ToolRuntimeError
+        try:
+            builtin_tools = BuiltinTools(args.tools, args.tools_runtime or "", max_body=args.max_body,
+                                         body_timeout=args.timeout)
+        except ToolRuntimeError as e:
+            raise ValueError(f"--tools-runtime: {e}") from None
+        print("alpaca2: WARNING: built-in tools are on (--tools: files and shell commands on this machine, "
+              "for anyone with the API key); do not use in untrusted environments", file=sys.stderr)
+    try:
+        return _serve(args, model_path, model_kwargs, builtin_tools)
+    finally:
+        if builtin_tools is not None:
+            builtin_tools.close()
+
+
+def _serve(args, model_path, model_kwargs, builtin_tools) -> int:
+    import uvicorn
+    hosts = [h.strip() for h in args.host.split(",") if h.strip()]
     model = Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **(model_kwargs or {}))
     draft = None
     try:
@@ -316,7 +352,7 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                      formatter=formatter, reasoning_format=args.reasoning_format,
                      chat_template_kwargs=args.template_kwargs, verbose=args.verbose,
                      sleep_idle_seconds=args.sleep_idle_seconds, reasoning_budget=args.reasoning_budget,
-                     reasoning_budget_message=args.reasoning_budget_message)
+                     reasoning_budget_message=args.reasoning_budget_message, builtin_tools=builtin_tools)
         port = gcp.port(args.port) if gcp.enabled() else args.port
         socks = [_listen_socket(h, port) for h in hosts]
         host, port = socks[0].getsockname()[:2]

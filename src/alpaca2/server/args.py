@@ -115,8 +115,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="require this key ('Authorization: Bearer KEY' or 'x-api-key: KEY') on every "
                    "endpoint but /health; several: comma-separated (default: $LLAMA_API_KEY)")
     s.add_argument("--api-key-file", default=None, help="a file of API keys, one a line")
-    s.add_argument("--cors-origins", default="*",
-                   help="origins allowed to call the API from a browser, comma-separated (default *)")
+    s.add_argument("--cors-origins", default=None,
+                   help="origins allowed to call the API from a browser, comma-separated; 'localhost': this "
+                   "machine's only (default *, or localhost with --tools)")
     s.add_argument("-to", "--timeout", type=POSITIVE, default=600,
                    help="seconds a client may take to send a request, and a keep-alive connection may idle "
                    "(default 600)")
@@ -147,6 +148,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--max-body", type=POSITIVE, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     s.add_argument("--shutdown-timeout", type=_float_in(0, 86400), default=10.0,
                    help="on SIGINT/SIGTERM, seconds to let running requests finish before cancelling them")
+    s.add_argument("--tools", default=None, metavar="TOOL1,TOOL2,...",
+                   help="experimental: built-in tools for agents at /tools (files and shell commands on this "
+                   "machine) - do not enable in untrusted environments (default: no tools); 'all' for every "
+                   "tool: read_file, file_glob_search, grep_search, exec_shell_command, write_file, edit_file, "
+                   "get_info; limits --cors-origins to localhost by default")
+    s.add_argument("--tools-runtime", default=None, metavar="OPTION",
+                   help="experimental: run the tools elsewhere: 'docker:<image>' / 'podman:<image>' (a container "
+                   "of ours, removed on exit), 'docker-container:<id>' / 'podman-container:<id>' (a running "
+                   "one), 'ssh:<target>' (key-based auth, a known host key)")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 
     c = p.add_argument_group("context and batching")
@@ -245,6 +255,18 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
         except OSError as e:
             args_error(prog, f"cannot read --api-key-file: {e.strerror}: {args.api_key_file}")
     args.api_keys = keys
+    args.tools = [t.strip() for t in (args.tools or "").split(",") if t.strip()]
+    if args.tools:
+        from alpaca2.server.builtin_tools import check_tool_names
+        try:
+            check_tool_names(args.tools)
+        except ValueError as e:
+            args_error(prog, f"--tools: {e}")
+    if args.cors_origins is None:       # as llama-server: tools make the default this machine's origins only
+        args.cors_origins = "localhost" if args.tools else "*"
+        if args.tools:
+            print("alpaca2: built-in tools are enabled: CORS allows localhost origins only "
+                  "(change with --cors-origins)", file=sys.stderr)
     if args.chat_template_file:
         try:
             with open(args.chat_template_file, encoding="utf-8") as f:

@@ -232,3 +232,35 @@ def test_idle_slots_with_kv_unified(tiny_path, idle_slots):
         assert warm["content"] == cold["content"]
     finally:
         s.stop()
+
+
+def test_out_of_memory_shrinks_the_limit(model, ctx):
+    slot = FakeSlot(0)
+    fill(ctx, slot, ids(model, PROMPT))
+    cache = PromptCache(100 * MiB, 0)
+    assert cache.save(ctx, slot)
+    held = cache.size
+
+    class NoMemory:
+        def save_seq_state(self, seq_id):
+            raise MemoryError
+    slot.tokens = ids(model, OTHER)
+    assert not cache.save(NoMemory(), slot)
+    assert cache.limit_bytes == int(0.4 * held) and cache.states == []    # llama-server's reaction
+
+
+def test_sleep_gives_the_cache_back(model):
+    import asyncio
+    from alpaca2.server.engine import Engine
+    engine = Engine(model, n_ctx=256, parallel=1, n_batch=64, n_threads=1, cache_ram=16)
+    try:
+        assert engine.prompt_cache.limit_bytes == 16 * MiB and engine.prompt_cache.idle_slots
+        engine.prompt_cache.states.append(prompt_cache.CachedPrompt([1, 2, 3], b"x"))
+        assert asyncio.run(engine.sleep()) and engine.prompt_cache.states == []
+    finally:
+        engine.stop()
+    off = Engine(model, n_ctx=256, parallel=1, n_batch=64, n_threads=1)      # the library's default: none
+    try:
+        assert off.prompt_cache is None
+    finally:
+        off.stop()

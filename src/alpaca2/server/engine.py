@@ -272,6 +272,8 @@ class Engine:
         self._close_contexts()
         for s in self.slots:
             s.tokens = []
+        if self.prompt_cache is not None:   # as llama-server's sleep: the host-memory cache goes too
+            self.prompt_cache.clear()
         return True
 
     def _wake_now(self):

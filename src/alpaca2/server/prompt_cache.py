@@ -144,6 +144,10 @@ class PromptCache:
                 ctx.seq_rm(s.seq_id, 0, -1)
                 s.tokens = []
 
+    def clear(self):
+        """Drop every state (the server goes to sleep: its memory is given back)."""
+        self.states = []
+
     # -- the cache ------------------------------------------------------------------------------
     def save(self, ctx, slot) -> bool:
         """Keep the state of what slot holds; False when it holds nothing, is cached already, or does
@@ -158,6 +162,11 @@ class PromptCache:
             data = ctx.save_seq_state(slot.seq_id)
         except Alpaca2Error as e:
             log.warning("could not save slot %d to the prompt cache: %s", slot.seq_id, e)
+            return False
+        except MemoryError:             # as llama-server: the limit shrinks to 40% of what is held
+            self.limit_bytes = max(1, int(0.4 * self.size))
+            log.warning("out of memory for the prompt cache: its limit is now %.3f MiB", self.limit_bytes / MiB)
+            self.update()
             return False
         log.debug(" - saving prompt with length %d, total state size = %.3f MiB", len(tokens), len(data) / MiB)
         if self.limit_bytes and len(data) > self.limit_bytes:       # would push out everything else

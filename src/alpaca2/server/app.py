@@ -16,6 +16,7 @@ import collections
 import contextlib
 import hmac
 import json
+import logging
 import os
 import re
 import signal
@@ -290,6 +291,18 @@ def chat_templates(model, args):
     return template, formatter
 
 
+def _server_log(verbose: bool):
+    """The server's own log (logger alpaca2.server: the prompt cache's steps) on stderr, a line at a
+    time: debug lines with --verbose (llama.cpp's server tests read them), else warnings only."""
+    logger = logging.getLogger("alpaca2.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("srv  %(funcName)12.12s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
     """Load the model, start the decode thread and serve until SIGINT/SIGTERM; returns the exit code.
 
@@ -320,6 +333,7 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
 def _serve(args, model_path, model_kwargs, builtin_tools) -> int:
     import uvicorn
     hosts = [h.strip() for h in args.host.split(",") if h.strip()]
+    _server_log(args.verbose)
     model = Model(model_path, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **(model_kwargs or {}))
     draft = None
     try:
@@ -330,7 +344,8 @@ def _serve(args, model_path, model_kwargs, builtin_tools) -> int:
                         queue_size=args.queue, type_k=args.cache_type_k, type_v=args.cache_type_v,
                         flash_attn=args.flash_attn, pooling=args.pooling, draft_model=draft, lookup=args.lookup,
                         n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
-                        draft_p_min=args.draft_p_min, kv_unified=args.kv_unified)
+                        draft_p_min=args.draft_p_min, kv_unified=args.kv_unified, cache_ram=args.cache_ram,
+                        cache_idle_slots=args.cache_idle_slots)
     except BaseException:
         if draft is not None:
             draft.close()

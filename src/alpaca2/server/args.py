@@ -175,6 +175,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     c.add_argument("-cb", "--cont-batching", action="store_true", help="accepted: batching is always continuous")
     c.add_argument("-nocb", "--no-cont-batching", action="store_true", help="accepted (batching stays continuous)")
     c.add_argument("-kvu", "--kv-unified", action="store_true", help="one KV cache all slots share: a request may use all of -c (default: -c / -np each)")
+    c.add_argument("-cram", "--cache-ram", type=_int_in(-1, 1 << 30), default=8192, metavar="N",
+                   help="MiB of host memory for the prompt cache: KV states of prompts slots gave up, loaded "
+                   "again for a request they suit (default 8192, -1: no limit, 0: off)")
+    c.add_argument("--cache-idle-slots", dest="cache_idle_slots", action="store_true", default=True,
+                   help="save idle slots to the prompt cache when requests start, and with --kv-unified "
+                   "empty them (default; needs --cache-ram)")
+    c.add_argument("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false",
+                   help="leave idle slots alone")
     c.add_argument("--no-context-shift", action="store_true", help="accepted: the context never shifts")
     c.add_argument("--swa-full", action="store_true", help="accepted: the SWA cache is always full size")
     c.add_argument("--no-warmup", action="store_true", help="accepted (a one-token warm-up decode always runs)")

@@ -5,8 +5,9 @@ runs the decode loop; asyncio handlers hand it jobs and read text back through q
 builds one Batch from all busy slots (one token for each generating request, prompt chunks for new
 ones, up to n_batch tokens), calls llama_decode once (the GIL is released meanwhile), and samples
 each slot's token with that slot's own sampler.  A slot keeps its tokens in the KV cache after its
-request ends; a new request takes the free slot whose tokens share the longest prefix with its
-prompt and decodes only the rest.  A cancelled job frees its slot at the next step.
+request ends; a new request takes the free slot whose tokens cover most of its prompt and decodes
+only the rest (prompt_cache.py: that choice, and the host-memory cache of prompts slots gave up).
+A cancelled job frees its slot at the next step.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import numpy as np
 
 from alpaca2._core import Batch, Context, Model, Speculator
 from alpaca2.errors import Alpaca2Error, ContextFullError
+from alpaca2.server import prompt_cache
+from alpaca2.server.prompt_cache import common_prefix, pick_slot
 from alpaca2.server.validation import APIError
 from alpaca2.streaming import TextStream
 
@@ -134,22 +137,13 @@ class Slot:
         self.last_used = 0
 
 
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class Engine:
     """Owns the Context and the decode thread; schedules jobs onto slots, one batch per step."""
 
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
                  pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
-                 draft_p_min=0.75, kv_unified=False):
+                 draft_p_min=0.75, kv_unified=False, cache_ram=0, cache_idle_slots=True):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:
@@ -180,6 +174,8 @@ class Engine:
                              "per request; use a larger -c or a smaller --parallel")
         self.n_threads = n_threads
         self.slots = [Slot(i) for i in range(parallel)]
+        self.prompt_cache = prompt_cache.make(cache_ram, self.ctx.n_ctx, idle_slots=cache_idle_slots,
+                                              kv_unified=kv_unified)     # llama-server's --cache-ram
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._embed_jobs: collections.deque[EmbedJob] = collections.deque()
@@ -276,6 +272,8 @@ class Engine:
         self._close_contexts()
         for s in self.slots:
             s.tokens = []
+        if self.prompt_cache is not None:   # as llama-server's sleep: the host-memory cache goes too
+            self.prompt_cache.clear()
         return True
 
     def _wake_now(self):
@@ -449,7 +447,7 @@ class Engine:
                             later.append(job)
                             continue
                     else:
-                        slot = self._pick_slot(free, job.tokens)
+                        slot = pick_slot(free, job.tokens)
                     free.remove(slot)
                     slot.job = job
                     self._busy += 1
@@ -460,6 +458,8 @@ class Engine:
             try:
                 for slot in assigned:
                     self._start(slot)
+                if assigned and self.prompt_cache is not None:
+                    self.prompt_cache.cache_idle(self.ctx, self.slots)
                 self._step(batch)
             except Exception as e:          # a bug must not kill the thread silently: fail what is running
                 events = []
@@ -486,14 +486,11 @@ class Engine:
                 with self._cond:
                     self._emb_running = False
 
-    def _pick_slot(self, free, tokens):
-        """The free slot sharing the longest prefix with tokens; else the least recently used."""
-        best = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
-        return best
-
     def _start(self, slot):
         job = slot.job
-        common = min(_common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
+        if self.prompt_cache is not None:       # may load a cached prompt that suits job better
+            self.prompt_cache.before_start(self.ctx, slot, job.tokens, job.id_slot >= 0)
+        common = min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
         self.ctx.seq_rm(slot.seq_id, common, -1)
         del slot.tokens[common:]
         slot.prompt_pos = common

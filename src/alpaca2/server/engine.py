@@ -19,6 +19,8 @@ import numpy as np
 
 from alpaca2._core import Batch, Context, Model, Speculator
 from alpaca2.errors import Alpaca2Error, ContextFullError
+from alpaca2.server.embed_job import EmbedJob
+from alpaca2.server.lora import LoraSet
 from alpaca2.server.validation import APIError
 from alpaca2.streaming import TextStream
 
@@ -103,24 +105,6 @@ class Job:
         return ev
 
 
-class EmbedJob:
-    """Token lists to embed (on the embedding thread, in a context of its own).
-
-    rerank=True: each list is a query-document pair and its result is the pair's score (as
-    llama-server's: the first value of the rank-pooled output), not a unit vector."""
-
-    def __init__(self, inputs, loop, rerank=False):
-        self.inputs = inputs
-        self.rerank = rerank
-        self.index = 0
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
-
-
 class Slot:
     """One KV-cache sequence: what it holds (tokens), and the request decoding into it."""
 
@@ -149,7 +133,7 @@ class Engine:
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
                  pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
-                 draft_p_min=0.75, kv_unified=False):
+                 draft_p_min=0.75, kv_unified=False, lora=None):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:
@@ -157,6 +141,7 @@ class Engine:
         if queue_size < 0:
             raise ValueError("--queue must be 0 or more")
         self.model = model
+        self.lora = lora if lora is not None else LoraSet()    # --lora adapters (server/lora.py)
         self.parallel = parallel
         self.queue_size = queue_size
         self.pooling = pooling
@@ -452,6 +437,7 @@ class Engine:
                         slot = self._pick_slot(free, job.tokens)
                     free.remove(slot)
                     slot.job = job
+                    self.lora.launch(slot, job)     # the job's LoRA scales (a cache made with others is dropped)
                     self._busy += 1
                     assigned.append(slot)
                 self._waiting.extendleft(reversed(later))
@@ -549,13 +535,14 @@ class Engine:
         if self.spec is not None:
             s = self.slots[0]
             if s.job is not None and s.pending is not None and s.job.speculate:
+                self.lora.batchable(self.ctx, [s])
                 self._speculate(s)
                 return
         batch.clear()
         room = self.ctx.n_batch
         plan = []                      # (slot, batch index) whose logits are sampled after the decode
         prompting = []                 # slots with prompt tokens in this batch
-        busy = [s for s in self.slots if s.job is not None]
+        busy = self.lora.batchable(self.ctx, [s for s in self.slots if s.job is not None])  # one LoRA set a step
         for s in busy:                 # generating slots first: one token each
             if s.pending is not None:
                 plan.append((s, batch.add(s.pending, len(s.tokens), s.seq_id, True)))

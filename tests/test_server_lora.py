@@ -195,6 +195,24 @@ def test_init_without_apply_starts_at_scale_0(tiny_path, loras, greedy):
         s.stop()
 
 
+def test_speculative_decoding_and_sleep_keep_the_scales(tiny_path, loras, greedy):
+    """With --lookup (-np 1) the verifying decodes use the request's scales; after sleeping, the
+    new context gets the adapters again."""
+    import time
+    s = ServerProcess(tiny_path, "-np", "1", "-c", "256", *EXACT, "--lookup", "--sleep-idle-seconds", "1",
+                      "--lora", loras[0])
+    try:
+        for scales in ([1, 0], [0.5, 0], [0, 0]):
+            assert tokens(s, n=24, lora=[{"id": 0, "scale": scales[0]}]) == greedy(scales, 24)
+        deadline = time.monotonic() + 30
+        while not httpx.get(s.url + "/props").json()["is_sleeping"]:
+            assert time.monotonic() < deadline, "the server did not go to sleep"
+            time.sleep(0.2)
+        assert tokens(s, n=24) == greedy([1, 0], 24)
+    finally:
+        s.stop()
+
+
 def test_without_adapters_the_field_is_refused_and_the_list_empty(tiny_path):
     s = ServerProcess(tiny_path, "-np", "1", "-c", "256")
     try:
@@ -241,3 +259,48 @@ def test_an_adapter_that_does_not_fit_is_a_clear_start_up_error(tiny_path, other
     r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", tiny_path, "--port", "0",
                         "--lora", other_path], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "LoRA" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_llama_server_gives_the_same_answers(server, tiny_path, loras, greedy):
+    """llama-server itself, with the same flags, as the oracle of the whole route: global scales,
+    per-request scales at the same time, and the listing.  cache_prompt is off, as in llama.cpp's
+    own test_lora: llama-server reuses a slot's cache made with other scales for a request without
+    a "lora" field (its launch_slot_with_task checks only per-request scales), alpaca2 does not
+    (test_a_slots_cache_is_reused_only_with_the_same_scales)."""
+    import socket
+    import time
+    from alpaca2 import _build_info
+    tool = os.path.join(getattr(_build_info, "TOOLS_DIR", None) or "", "llama-server")
+    if not os.path.exists(tool):
+        pytest.skip("llama-server is not built (ALPACA2_BUILD_TOOLS=1)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([tool, "-m", tiny_path, "--port", str(port), "-t", "1", "-np", "4", "-c", "1024",
+                             "-b", "64", *EXACT, "--lora", loras[0], "--lora-scaled", f"{loras[1]}:0.5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        ref = type("Ref", (), {"url": url})()
+        assert httpx.get(url + "/lora-adapters").json() == httpx.get(server.url + "/lora-adapters").json()
+        configs = [None, [{"id": 0, "scale": 0.3}], [{"id": 1, "scale": 1.5}], [{"id": 0, "scale": 0.0}],
+                   [{"id": 0, "scale": 0.7}, {"id": 1, "scale": -1.0}], None]
+        scales = [[1, 0.5], [0.3, 0], [0, 1.5], [0, 0], [0.7, -1.0], [1, 0.5]]
+
+        def answers(srv):
+            def one(lora):
+                return tokens(srv, n=16, cache_prompt=False, **({} if lora is None else {"lora": lora}))
+            with concurrent.futures.ThreadPoolExecutor(len(configs)) as pool:
+                return list(pool.map(one, configs))
+        want = [greedy(sc, 16) for sc in scales]
+        assert answers(server) == answers(ref) == want
+    finally:
+        proc.terminate()
+        proc.wait(30)

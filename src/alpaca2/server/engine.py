@@ -535,7 +535,6 @@ class Engine:
         if self.spec is not None:
             s = self.slots[0]
             if s.job is not None and s.pending is not None and s.job.speculate:
-                self.lora.batchable(self.ctx, [s])
                 self._speculate(s)
                 return
         batch.clear()

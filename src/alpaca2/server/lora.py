@@ -8,7 +8,8 @@ One context decodes every slot and llama.cpp applies one set of adapters to a wh
 llama-server's ``can_batch_with``, a step batches only the slots whose scales are those of the
 oldest running request; the others wait for a later step (requests with different scales are
 serialized, requests with the same scales are batched).  A slot's KV cache was computed with its
-request's scales: a request with other scales does not reuse it.
+request's scales: a request with other scales does not reuse it.  (Speculative decoding runs with
+-np 1 only: its rounds follow the prompt's decode, which set the request's scales.)
 """
 from __future__ import annotations
 

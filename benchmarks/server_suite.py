@@ -25,8 +25,8 @@ Random weights mean the tests that check generated text for words of the stories
 ("(Ben|lumber)+") fail for both servers alike; the comparison is what matters.
 Left out, as in the issue: vision, MCP, router/proxy.  test_lora.py's Shakespeare adapter for
 stories15M_MOE (a download_file URL) becomes a random LoRA adapter for the chat model, so its
-/lora-adapters and per-request "lora" plumbing runs; its text checks fail for both servers alike.  The built-in tools' container tests
-(docker/podman) skip themselves where neither is installed.
+/lora-adapters and per-request "lora" plumbing runs; its text checks fail for both servers alike.
+The built-in tools' container tests (docker/podman) skip themselves where neither is installed.
 Needs: pip install requests wget filelock pytest-timeout pytest-xdist openai (the suite's requirements).
 """
 from __future__ import annotations

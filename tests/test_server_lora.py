@@ -128,12 +128,24 @@ def test_without_a_lora_field_the_global_scales_apply_and_post_changes_them(serv
         set_global(server, [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.5}])
 
 
-def test_chat_completions_take_the_field_too(server, greedy):
+def test_openai_routes_take_the_field_too(server, greedy):
     r = httpx.post(server.url + "/v1/completions", json={
         "prompt": PROMPT, "max_tokens": N, "temperature": 0, "ignore_eos": True,
         "lora": [{"id": 0, "scale": 0.5}]}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == greedy.model.detokenize(greedy([0.5, 0]))
+
+    def chat(**fields):
+        r = httpx.post(server.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": N, "temperature": 0,
+            "ignore_eos": True, **fields}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    default = chat()
+    assert chat(lora=[{"id": 0, "scale": 1}, {"id": 1, "scale": 0.5}]) == default      # the global scales
+    assert chat(lora=[{"id": 0, "scale": 0}]) != default
+    assert httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": PROMPT}], "lora": [{"id": 9, "scale": 1}]}).status_code == 400
 
 
 def test_concurrent_requests_with_different_scales_do_not_leak(server, greedy):
@@ -240,7 +252,7 @@ def test_llama_completion_agrees(loras, greedy, tiny_path):
         assert r.stdout.rstrip(b"\n") == want.rstrip(b"\n")
 
 
-def test_lora_flags_parse_as_llama_servers(tmp_path):
+def test_lora_flags_parse_as_llama_servers():
     a = parse_args(["-m", "x.gguf", "--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:0.5,d.gguf:-1",
                     "--lora", "e.gguf", "--lora-scaled", "f.gguf", "2"])
     assert a.lora_adapters == [("a.gguf", 1.0), ("b.gguf", 1.0), ("c.gguf", 0.5), ("d.gguf", -1.0), ("e.gguf", 1.0),

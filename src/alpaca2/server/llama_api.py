@@ -1,4 +1,4 @@
-"""llama-server's own paths: /health, /metrics, /props, /slots, /tokenize, /detokenize,
+"""llama-server's own paths: /health, /metrics, /props, /slots, /lora-adapters, /tokenize, /detokenize,
 /apply-template, and the native /completion (llama-server's response shape, with timings).
 
 Mixed into alpaca2.server.app.Server.

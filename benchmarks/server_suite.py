@@ -23,8 +23,10 @@ downloaded, so this script:
 
 Random weights mean the tests that check generated text for words of the stories models
 ("(Ben|lumber)+") fail for both servers alike; the comparison is what matters.
-Left out, as in the issue: vision, MCP, router/proxy, LoRA.  The built-in tools' container tests
-(docker/podman) skip themselves where neither is installed.
+Left out, as in the issue: vision, MCP, router/proxy.  test_lora.py's Shakespeare adapter for
+stories15M_MOE (a download_file URL) becomes a random LoRA adapter for the chat model, so its
+/lora-adapters and per-request "lora" plumbing runs; its text checks fail for both servers alike.
+The built-in tools' container tests (docker/podman) skip themselves where neither is installed.
 Needs: pip install requests wget filelock pytest-timeout pytest-xdist openai (the suite's requirements).
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "vendor" / "llama.cpp" / "tools" / "server" / "tests"
 WORK = ROOT / "build" / "server-suite"
 RESULTS = ROOT / "benchmarks" / "results" / "server-suite.md"
-LEFT_OUT = ["test_vision_api.py", "test_mcp_servers.py", "test_router.py", "test_proxy.py", "test_lora.py"]
+LEFT_OUT = ["test_vision_api.py", "test_mcp_servers.py", "test_router.py", "test_proxy.py"]
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -102,6 +104,17 @@ def __init__(self, *args, **kwargs):
 
 utils.ServerProcess.__init__ = __init__
 utils.ServerPreset.load_all = staticmethod(lambda: None)   # nothing to download
+
+_download_file = utils.download_file
+
+
+def download_file(url, output_file_path=None):
+    """A file the suite downloads by URL (test_lora's adapter): its local substitute."""
+    local = MODELS.get(("file", url.split("/")[-1]))
+    return local if local is not None else _download_file(url, output_file_path)
+
+
+utils.download_file = download_file            # before the test modules' `from utils import *`
 '''
 
 
@@ -119,6 +132,8 @@ def _with_metadata(src: str, dst: str, new: dict) -> str:
 def make_models(out: Path) -> dict:
     """The substitute models; returns {(hf_repo, hf_file or None): path}."""
     import gguf
+    import numpy as np
+
     from alpaca2 import testing
     out.mkdir(parents=True, exist_ok=True)
     spm = out / "spm.model"
@@ -136,7 +151,15 @@ def make_models(out: Path) -> dict:
     emb = out / "embedding.gguf"
     if not emb.exists():
         _with_metadata(str(chat), str(emb), {"llama.pooling_type": (gguf.GGUFValueType.UINT32, 1)})
+    lora = out / "chat-lora.gguf"             # test_lora's adapter (moe_shakespeare15M.gguf) for the chat model
+    if not lora.exists():
+        reader = gguf.GGUFReader(str(chat))
+        tensors = {t.name: np.asarray(t.data) for t in reader.tensors}       # (out, in), as make_model's
+        n_layer = 1 + max(int(name.split(".")[1]) for name in tensors if name.startswith("blk."))
+        shapes = testing.Weights(0, n_layer, 0, 0, 0, 0, 0.0, 0.0, tensors)
+        testing.make_lora(lora, shapes, rank=4, alpha=8.0)
     return {
+        ("file", "moe_shakespeare15M.gguf"): str(lora),
         ("ggml-org/test-model-stories260K", None): str(chat),
         ("ggml-org/test-model-stories260K-infill", None): str(fim),
         ("ggml-org/stories15M_MOE", None): str(chat),

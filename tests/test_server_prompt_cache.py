@@ -96,6 +96,27 @@ def test_containment(model, ctx):
     assert not cache.save(ctx, slot)
 
 
+def test_states_are_keyed_by_lora_scales(model, ctx):
+    """A state computed with one set of LoRA scales is never loaded for a request with others, and
+    the same tokens under other scales are cached apart (key_of: the engine's LoraSet.kv_key)."""
+    toks = ids(model, PROMPT)
+    scales = {0: (1.0,)}
+    cache = PromptCache(0, 0, key_of=lambda slot: scales[slot.seq_id])
+    slot = FakeSlot(0)
+    fill(ctx, slot, toks)
+    assert cache.save(ctx, slot)
+    scales[0] = (0.5,)
+    assert cache.save(ctx, slot)                # same tokens, other scales: a second state
+    assert [st.key for st in cache.states] == [(1.0,), (0.5,)]
+    ctx.seq_rm(0, 0, -1)
+    slot.tokens = []
+    scales[0] = (0.0,)                          # a request with scales nothing was cached for
+    assert cache.load(ctx, slot, toks) and slot.tokens == [] and len(cache.states) == 2
+    scales[0] = (1.0,)
+    assert cache.load(ctx, slot, toks) and slot.tokens == toks
+    assert [st.key for st in cache.states] == [(0.5,)]
+
+
 def test_lru_eviction_under_the_byte_limit(model, ctx):
     slot = FakeSlot(0)
     prompts = [ids(model, f"story number {i}: " + PROMPT) for i in range(4)]

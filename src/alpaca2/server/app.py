@@ -34,6 +34,7 @@ from alpaca2.server.connections import guarded_protocol, limits_for, quiet_accep
 from alpaca2.server.engine import Engine
 from alpaca2.server.generation import Generation
 from alpaca2.server.llama_api import LlamaRoutes
+from alpaca2.server.lora import LoraSet
 from alpaca2.server.openai_api import OpenAIRoutes
 from alpaca2.server.sleep import SleepWatch, reads_state
 from alpaca2.server.streams import StreamSessions
@@ -339,13 +340,14 @@ def _serve(args, model_path, model_kwargs, builtin_tools) -> int:
     try:
         if args.model_draft:
             draft = Model(args.model_draft, n_gpu_layers=args.n_gpu_layers_draft, verbose=args.verbose)
+        lora = LoraSet(model, args.lora_adapters, apply=not args.lora_init_without_apply)
         engine = Engine(model, n_ctx=args.ctx_size, parallel=args.parallel, n_batch=args.batch_size,
                         n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
                         queue_size=args.queue, type_k=args.cache_type_k, type_v=args.cache_type_v,
                         flash_attn=args.flash_attn, pooling=args.pooling, draft_model=draft, lookup=args.lookup,
                         n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
                         draft_p_min=args.draft_p_min, kv_unified=args.kv_unified, cache_ram=args.cache_ram,
-                        cache_idle_slots=args.cache_idle_slots)
+                        cache_idle_slots=args.cache_idle_slots, lora=lora)
     except BaseException:
         if draft is not None:
             draft.close()

@@ -77,6 +77,29 @@ def _on_off_auto(text):
     return v
 
 
+class _LoraAction(argparse.Action):
+    """--lora FNAME[,FNAME...] and --lora-scaled FNAME:SCALE[,...] (or FNAME SCALE, llama-cli's older
+    form) into one list of (path, scale), in the order given (adapter ids follow it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        if option_string == "--lora":
+            items += [(path, 1.0) for path in values.split(",") if path]
+        else:
+            if len(values) == 2 and ":" not in values[1]:
+                values = [f"{values[0]}:{values[1]}"]
+            for text in ",".join(values).split(","):
+                path, sep, scale = text.rpartition(":")
+                try:
+                    value = float(scale)
+                except ValueError:
+                    value = float("nan")
+                if not sep or not path or value != value or value in (float("inf"), float("-inf")):
+                    parser.error(f"--lora-scaled takes FNAME:SCALE (a finite number), not {text!r}")
+                items.append((path, value))
+        setattr(namespace, self.dest, items)
+
+
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 POSITIVE = _int_in(1, 1 << 30)
 COUNT = _int_in(0, 1 << 30)
@@ -103,6 +126,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="share of the layers per device: each --rpc server's, then the local one(s)")
     m.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=_gpu_layers, default=-1,
                    help="layers on the GPU: a number, 'auto' or 'all' (default: all)")
+    m.add_argument("--lora", dest="lora_adapters", action=_LoraAction, default=[], metavar="FNAME",
+                   help="a LoRA adapter (GGUF) applied with scale 1; several: comma-separated or repeated")
+    m.add_argument("--lora-scaled", dest="lora_adapters", action=_LoraAction, nargs="+", metavar="FNAME:SCALE",
+                   help="a LoRA adapter with its scale, FNAME:SCALE (or FNAME SCALE); several: comma-separated "
+                   "or repeated")
+    m.add_argument("--lora-init-without-apply", action="store_true",
+                   help="load the LoRA adapters with scale 0 (set them later with POST /lora-adapters)")
     m.add_argument("--mlock", action="store_true", help="keep the model in RAM")
     m.add_argument("--no-mmap", dest="mmap", action="store_false", help="read the model instead of mapping it")
 

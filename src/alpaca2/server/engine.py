@@ -21,6 +21,8 @@ import numpy as np
 from alpaca2._core import Batch, Context, Model, Speculator
 from alpaca2.errors import Alpaca2Error, ContextFullError
 from alpaca2.server import prompt_cache
+from alpaca2.server.embed_job import EmbedJob
+from alpaca2.server.lora import LoraSet
 from alpaca2.server.prompt_cache import common_prefix, pick_slot
 from alpaca2.server.validation import APIError
 from alpaca2.streaming import TextStream
@@ -106,24 +108,6 @@ class Job:
         return ev
 
 
-class EmbedJob:
-    """Token lists to embed (on the embedding thread, in a context of its own).
-
-    rerank=True: each list is a query-document pair and its result is the pair's score (as
-    llama-server's: the first value of the rank-pooled output), not a unit vector."""
-
-    def __init__(self, inputs, loop, rerank=False):
-        self.inputs = inputs
-        self.rerank = rerank
-        self.index = 0
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
-
-
 class Slot:
     """One KV-cache sequence: what it holds (tokens), and the request decoding into it."""
 
@@ -143,7 +127,7 @@ class Engine:
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
                  pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
-                 draft_p_min=0.75, kv_unified=False, cache_ram=0, cache_idle_slots=True):
+                 draft_p_min=0.75, kv_unified=False, cache_ram=0, cache_idle_slots=True, lora=None):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:
@@ -151,6 +135,7 @@ class Engine:
         if queue_size < 0:
             raise ValueError("--queue must be 0 or more")
         self.model = model
+        self.lora = lora if lora is not None else LoraSet()    # --lora adapters (server/lora.py)
         self.parallel = parallel
         self.queue_size = queue_size
         self.pooling = pooling
@@ -175,7 +160,7 @@ class Engine:
         self.n_threads = n_threads
         self.slots = [Slot(i) for i in range(parallel)]
         self.prompt_cache = prompt_cache.make(cache_ram, self.ctx.n_ctx, idle_slots=cache_idle_slots,
-                                              kv_unified=kv_unified)     # llama-server's --cache-ram
+                                              kv_unified=kv_unified, key_of=self.lora.kv_key)   # --cache-ram
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._embed_jobs: collections.deque[EmbedJob] = collections.deque()
@@ -450,6 +435,7 @@ class Engine:
                         slot = pick_slot(free, job.tokens)
                     free.remove(slot)
                     slot.job = job
+                    self.lora.launch(slot, job)     # the job's LoRA scales (a cache made with others is dropped)
                     self._busy += 1
                     assigned.append(slot)
                 self._waiting.extendleft(reversed(later))
@@ -552,7 +538,7 @@ class Engine:
         room = self.ctx.n_batch
         plan = []                      # (slot, batch index) whose logits are sampled after the decode
         prompting = []                 # slots with prompt tokens in this batch
-        busy = [s for s in self.slots if s.job is not None]
+        busy = self.lora.batchable(self.ctx, [s for s in self.slots if s.job is not None])  # one LoRA set a step
         for s in busy:                 # generating slots first: one token each
             if s.pending is not None:
                 plan.append((s, batch.add(s.pending, len(s.tokens), s.seq_id, True)))

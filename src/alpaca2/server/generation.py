@@ -233,6 +233,7 @@ class Generation:
             raise bad("'ignore_eos' must be true or false", "ignore_eos")
         id_slot = number(body, "id_slot", -1, self.engine.parallel - 1, integer=True)
         id_slot = -1 if id_slot is None or n > 1 else id_slot
+        lora = self.engine.lora.parse(body.get("lora"))      # this request's LoRA scales (None: the global ones)
         loop = asyncio.get_running_loop()
         jobs = []
         for i in range(n):
@@ -243,6 +244,7 @@ class Generation:
                       strip_leading_space=strip_leading_space, ignore_eos=ignore_eos, loop=loop,
                       n_probs=n_probs, banned=banned, accept_prompt=not constrained, id_slot=id_slot)
             job.preserved = frozenset(preserved)
+            job.lora = lora
             job.index, job.seed = i, seed
             if self.engine.speculative and not n_probs and not constrained and not body.get("mirostat"):
                 job.speculate = True

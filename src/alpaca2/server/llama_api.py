@@ -1,4 +1,4 @@
-"""llama-server's own paths: /health, /metrics, /props, /slots, /tokenize, /detokenize,
+"""llama-server's own paths: /health, /metrics, /props, /slots, /lora-adapters, /tokenize, /detokenize,
 /apply-template, and the native /completion (llama-server's response shape, with timings).
 
 Mixed into alpaca2.server.app.Server.
@@ -49,6 +49,8 @@ class LlamaRoutes:
             Route("/completion", self.completion, methods=["POST"]),
             Route("/completions", self.completion, methods=["POST"]),
             Route("/infill", self.infill, methods=["POST"]),
+            Route("/lora-adapters", self.lora_adapters, methods=["GET"]),
+            Route("/lora-adapters", self.set_lora_adapters, methods=["POST"]),
         ] + [Route(path, self.rerank, methods=["POST"])
              for path in ("/rerank", "/v1/rerank", "/reranking", "/v1/reranking")]
 
@@ -74,7 +76,7 @@ class LlamaRoutes:
                "n_predict": job.max_tokens if job is not None else (self.n_predict if self.n_predict else -1),
                "n_probs": job.n_probs if job is not None else 0, "stop": list(job.stop) if job is not None else [],
                "ignore_eos": job.ignore_eos if job is not None else False, "stream": False,
-               "logit_bias": []}
+               "logit_bias": [], "lora": self.engine.lora.request_fields(job)}
         if job is not None and job.ignore_eos:     # llama-server shows ignore_eos as EOG tokens banned
             eog = dict.fromkeys((self.model.eos, self.model.eot))
             out["logit_bias"] = [{"token": t, "bias": None} for t in eog if t >= 0]
@@ -99,6 +101,15 @@ class LlamaRoutes:
         if not self.props_writable:
             raise not_supported("This server does not support changing global properties. Start it with `--props`")
         await read_json(request, self.max_body, self.body_timeout)
+        return self._json({"success": True})
+
+    async def lora_adapters(self, request):
+        """GET /lora-adapters: the loaded adapters and their global scales (alpaca2.server.lora)."""
+        return self._json(self.engine.lora.listing())
+
+    async def set_lora_adapters(self, request):
+        """POST /lora-adapters: [{"id": i, "scale": s}] sets the global scales; unlisted adapters get 0."""
+        self.engine.lora.set_global(await read_json(request, self.max_body, self.body_timeout, array=True))
         return self._json({"success": True})
 
     async def slots(self, request):

@@ -68,18 +68,20 @@ def wants_update(slot_tokens, tokens, by_id: bool) -> bool:
 
 class CachedPrompt:
     """One sequence's state in host memory and the tokens it holds."""
-    __slots__ = ("tokens", "data")
+    __slots__ = ("tokens", "data", "key")
 
-    def __init__(self, tokens, data):
+    def __init__(self, tokens, data, key=()):
         self.tokens = tokens
         self.data = data
+        self.key = key          # what else the state depends on: the LoRA scales it was computed with
 
     @property
     def size(self) -> int:
         return len(self.data)
 
 
-def make(cache_ram_mib: int, n_ctx: int, *, idle_slots=True, kv_unified=False) -> PromptCache | None:
+def make(cache_ram_mib: int, n_ctx: int, *, idle_slots=True, kv_unified=False,
+         key_of=lambda slot: ()) -> PromptCache | None:
     """The engine's prompt cache for ``--cache-ram`` (-1: no size limit, 0: none), logged as llama-server."""
     if cache_ram_mib == 0:
         log.debug("prompt cache is disabled - use `--cache-ram N` to enable it")
@@ -88,7 +90,8 @@ def make(cache_ram_mib: int, n_ctx: int, *, idle_slots=True, kv_unified=False) -
         return None
     log.debug("prompt cache is enabled, size limit: %s",
               "no limit" if cache_ram_mib < 0 else f"{cache_ram_mib} MiB")
-    cache = PromptCache(max(cache_ram_mib, 0) * MiB, n_ctx, idle_slots=idle_slots, kv_unified=kv_unified)
+    cache = PromptCache(max(cache_ram_mib, 0) * MiB, n_ctx, idle_slots=idle_slots, kv_unified=kv_unified,
+                        key_of=key_of)
     if idle_slots:
         log.debug("idle slots will be saved to prompt cache%s upon starting a new task",
                   " and cleared" if kv_unified else "")
@@ -98,13 +101,16 @@ def make(cache_ram_mib: int, n_ctx: int, *, idle_slots=True, kv_unified=False) -
 
 class PromptCache:
     """Saved prompt states, oldest first, within limit_bytes (0: none) and, with no byte limit,
-    limit_tokens (0: none)."""
+    limit_tokens (0: none).  ``key_of(slot)``: what else a slot's state depends on (its LoRA
+    scales); a state is loaded only into a slot with the same key."""
 
-    def __init__(self, limit_bytes: int, limit_tokens: int, *, idle_slots=True, kv_unified=False):
+    def __init__(self, limit_bytes: int, limit_tokens: int, *, idle_slots=True, kv_unified=False,
+                 key_of=lambda slot: ()):
         self.limit_bytes = limit_bytes
         self.limit_tokens = limit_tokens
         self.idle_slots = idle_slots
         self.kv_unified = kv_unified
+        self.key_of = key_of
         self.states: list[CachedPrompt] = []
 
     @property
@@ -155,7 +161,8 @@ class PromptCache:
         tokens = slot.tokens
         if not tokens:
             return False
-        if any(common_prefix(st.tokens, tokens) == len(tokens) for st in self.states):
+        key = self.key_of(slot)
+        if any(st.key == key and common_prefix(st.tokens, tokens) == len(tokens) for st in self.states):
             log.debug(" - prompt is already in the cache, skipping")
             return False
         try:
@@ -175,7 +182,7 @@ class PromptCache:
             return False
         kept = []
         for st in self.states:          # states the new one contains are of no more use
-            if common_prefix(st.tokens, tokens) == len(st.tokens):
+            if st.key == key and common_prefix(st.tokens, tokens) == len(st.tokens):
                 log.debug(" - removing obsolete cached prompt with length %d", len(st.tokens))
             else:
                 kept.append(st)
@@ -184,7 +191,7 @@ class PromptCache:
             log.debug(" - making room for prompt cache entry, removing oldest entry (size = %.3f MiB)",
                       self.states[0].size / MiB)
             self.states.pop(0)
-        self.states.append(CachedPrompt(list(tokens), data))
+        self.states.append(CachedPrompt(list(tokens), data, key))
         return True
 
     def load(self, ctx, slot, tokens) -> bool:
@@ -194,7 +201,10 @@ class PromptCache:
         keep_best = lcp / len(slot.tokens) if slot.tokens else -1.0      # an empty slot: any state wins
         sim_best = lcp / max(len(tokens), 1)
         best = None
+        key = self.key_of(slot)         # a state computed with other LoRA scales is of no use here
         for st in self.states:
+            if st.key != key:
+                continue
             lcp = common_prefix(st.tokens, tokens)
             keep, sim = lcp / len(st.tokens), lcp / max(len(tokens), 1)
             if keep >= KEEP_LOAD_MIN and keep > keep_best and sim > sim_best:

@@ -60,9 +60,9 @@ def json_depth(data: bytes) -> int:
     return max(itertools.accumulate(1 if c in b"[{" else -1 for c in brackets), default=0)
 
 
-async def read_json(request, max_body: int, timeout: float | None = None) -> dict:
-    """The request's body as a JSON object; 400 when it is too large, too deep, not JSON, or not
-    an object, or when it does not arrive within timeout seconds (408)."""
+async def read_json(request, max_body: int, timeout: float | None = None, array: bool = False):
+    """The request's body as a JSON object (array=True: a JSON array); 400 when it is too large, too
+    deep, not JSON, or not an object (array), or when it does not arrive within timeout seconds (408)."""
     chunks, size = [], 0
 
     async def read():
@@ -90,7 +90,10 @@ async def read_json(request, max_body: int, timeout: float | None = None) -> dic
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise bad(f"the body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
+    if array:
+        if not isinstance(body, list):
+            raise bad("Request body must be an array")
+    elif not isinstance(body, dict):
         raise bad("the body must be a JSON object")
     return body
 

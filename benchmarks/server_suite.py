@@ -23,7 +23,7 @@ downloaded, so this script:
 
 Random weights mean the tests that check generated text for words of the stories models
 ("(Ben|lumber)+") fail for both servers alike; the comparison is what matters.
-Left out, as in the issue: vision, MCP, router/proxy, LoRA.  The built-in tools' container tests
+Left out, as in the issue: vision, router/proxy, LoRA.  The built-in tools' container tests
 (docker/podman) skip themselves where neither is installed.
 Needs: pip install requests wget filelock pytest-timeout pytest-xdist openai (the suite's requirements).
 """
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "vendor" / "llama.cpp" / "tools" / "server" / "tests"
 WORK = ROOT / "build" / "server-suite"
 RESULTS = ROOT / "benchmarks" / "results" / "server-suite.md"
-LEFT_OUT = ["test_vision_api.py", "test_mcp_servers.py", "test_router.py", "test_proxy.py", "test_lora.py"]
+LEFT_OUT = ["test_vision_api.py", "test_router.py", "test_proxy.py", "test_lora.py"]
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"

@@ -108,7 +108,8 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
 
         from starlette.routing import Route
         routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes() + self.streams.routes()
-        routes += [Route("/tools", self.tools_list, methods=["GET"]), Route("/tools", self.tools_call, methods=["POST"]),
+        routes += [Route("/tools", self.tools_list, methods=["GET"]),
+                   Route("/tools", self.tools_call, methods=["POST"]),
                    Route("/cors-proxy", self.cors_proxy_call, methods=["GET", "POST"])]
         if gcp.enabled():               # Vertex AI's custom-container contract (AIP_MODE=PREDICTION)
             post_paths = [r.path for r in routes if "POST" in (r.methods or ())]

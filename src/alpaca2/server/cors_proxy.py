@@ -79,7 +79,7 @@ class CorsProxy:
     """The /cors-proxy endpoint of a server started with --ui-mcp-proxy."""
 
     def __init__(self, max_body: int = 1 << 20, body_timeout: float | None = None):
-        import httpx            # noqa: F401 (checked at start-up: serve() reports it missing)
+        __import__("httpx")     # at start-up: serve() reports it missing
         self.max_body, self.body_timeout = max_body, body_timeout
 
     async def handle(self, request):

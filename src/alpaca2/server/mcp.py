@@ -303,6 +303,11 @@ class StdioSession:
         deadline = time.monotonic() + self.config.timeout_ms / 1000
         if not self.alive:
             raise NotDelivered("transport closed")
+        while True:             # what came before this request is stale (notifications, late replies)
+            try:
+                self._replies.get_nowait()
+            except queue.Empty:
+                break
         try:
             self._write(request, deadline, should_stop)
         except OSError:
@@ -469,14 +474,13 @@ class McpManager:
 
 class McpTool(Tool):
     """One MCP server's tool in /tools: "<server>_<tool>", its own schema, no cwd, no stream."""
+    kind = "mcp"
     uses_cwd = False
     takes_headers = False       # x-tool-cwd / x-tool-runtime / x-resp-type are not passed to MCP servers
 
     def __init__(self, tool_def: McpToolDef, manager: McpManager):
         self.tool_def, self.manager = tool_def, manager
         self.name = self.display_name = f"{tool_def.server_name}_{tool_def.name}"
-
-    kind = "mcp"
 
     def definition(self) -> dict:
         schema = self.tool_def.input_schema

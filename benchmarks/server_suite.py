@@ -23,7 +23,7 @@ downloaded, so this script:
 
 Random weights mean the tests that check generated text for words of the stories models
 ("(Ben|lumber)+") fail for both servers alike; the comparison is what matters.
-Left out, as in the issue: vision, MCP, router/proxy.  test_lora.py's Shakespeare adapter for
+Left out, as in the issue: vision, router/proxy.  test_lora.py's Shakespeare adapter for
 stories15M_MOE (a download_file URL) becomes a random LoRA adapter for the chat model, so its
 /lora-adapters and per-request "lora" plumbing runs; its text checks fail for both servers alike.
 The built-in tools' container tests (docker/podman) skip themselves where neither is installed.
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "vendor" / "llama.cpp" / "tools" / "server" / "tests"
 WORK = ROOT / "build" / "server-suite"
 RESULTS = ROOT / "benchmarks" / "results" / "server-suite.md"
-LEFT_OUT = ["test_vision_api.py", "test_mcp_servers.py", "test_router.py", "test_proxy.py"]
+LEFT_OUT = ["test_vision_api.py", "test_router.py", "test_proxy.py"]
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"

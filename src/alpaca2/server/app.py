@@ -58,7 +58,8 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
                  shutdown_timeout=10.0, cors_origins="*", metrics=True, slots=True, props=False,
                  slot_save_path=None, reranking=False, body_timeout=600.0, aliases=(), tags=(),
                  formatter=None, reasoning_format="deepseek", chat_template_kwargs=None, verbose=False,
-                 sleep_idle_seconds=-1, reasoning_budget=-1, reasoning_budget_message="", builtin_tools=None):
+                 sleep_idle_seconds=-1, reasoning_budget=-1, reasoning_budget_message="", builtin_tools=None,
+                 cors_proxy=None):
         self.model = model
         self.engine = engine
         self.model_id = model_id
@@ -95,6 +96,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
             os.makedirs(slot_save_path, exist_ok=True)
         self.reranking = reranking
         self.builtin_tools = builtin_tools      # --tools: alpaca2.server.builtin_tools.BuiltinTools, or None
+        self.cors_proxy = cors_proxy            # --ui-mcp-proxy: alpaca2.server.cors_proxy.CorsProxy, or None
         self.system_fingerprint = f"b-alpaca2-{alpaca2.__version__}"
         self.created = int(time.time())
         self.streams = StreamSessions()            # resumable streams (X-Conversation-Id, /v1/stream)
@@ -108,7 +110,9 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
 
         from starlette.routing import Route
         routes = self.openai_routes() + self.llama_routes() + self.anthropic_routes() + self.streams.routes()
-        routes += [Route("/tools", self.tools_list, methods=["GET"]), Route("/tools", self.tools_call, methods=["POST"])]
+        routes += [Route("/tools", self.tools_list, methods=["GET"]),
+                   Route("/tools", self.tools_call, methods=["POST"]),
+                   Route("/cors-proxy", self.cors_proxy_call, methods=["GET", "POST"])]
         if gcp.enabled():               # Vertex AI's custom-container contract (AIP_MODE=PREDICTION)
             post_paths = [r.path for r in routes if "POST" in (r.methods or ())]
             routes += gcp.routes(self, post_paths, self.health)
@@ -165,17 +169,24 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
                 self.latency_sum[endpoint] += time.monotonic() - t0
 
     async def tools_list(self, request):
-        """GET /tools: the built-in tools --tools enabled (403 without --tools, as llama-server)."""
+        """GET /tools: the built-in tools --tools enabled and the MCP servers' tools (403 without
+        either, as llama-server)."""
         return self._json(self._tools().listing())
 
     async def tools_call(self, request):
-        """POST /tools: run one built-in tool (builtin_tools.py)."""
+        """POST /tools: run one built-in or MCP tool (builtin_tools.py, mcp.py)."""
         return await self._tools().call(request)
 
     def _tools(self):
         if self.builtin_tools is None:
             raise APIError(403, "this feature is disabled", type="feature_disabled")
         return self.builtin_tools
+
+    async def cors_proxy_call(self, request):
+        """GET/POST /cors-proxy?url=...: the web UI's MCP proxy (cors_proxy.py; 403 without --ui-mcp-proxy)."""
+        if self.cors_proxy is None:
+            raise APIError(403, "this feature is disabled", type="feature_disabled")
+        return await self.cors_proxy.handle(request)
 
     def _cors_headers(self, scope) -> list:
         """llama-server's CORS answer: the Origin reflected when it is allowed ('*': any;
@@ -313,25 +324,46 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
     if any(h not in ("127.0.0.1", "localhost", "::1") for h in hosts) and not args.api_keys:
         print(f"alpaca2: WARNING: serving on {args.host} without --api-key: anyone who reaches this port "
               "can use the model", file=sys.stderr)
+    cors_proxy = None
+    if getattr(args, "ui_mcp_proxy", False):
+        try:
+            from alpaca2.server.cors_proxy import CorsProxy
+            cors_proxy = CorsProxy(max_body=args.max_body, body_timeout=args.timeout)
+        except ImportError:
+            raise ValueError("--ui-mcp-proxy needs httpx: pip install httpx") from None
+        print("alpaca2: WARNING: the MCP CORS proxy is on (--ui-mcp-proxy: /cors-proxy fetches any http(s) URL "
+              "from this machine for anyone with the API key); do not use in untrusted environments",
+              file=sys.stderr)
     builtin_tools = None
-    if args.tools:          # before the model: a bad --tools-runtime fails fast
+    mcp_configs = getattr(args, "mcp_configs", None) or []
+    if args.tools or mcp_configs:       # before the model: a bad --tools-runtime fails fast
         from alpaca2.server.builtin_tools import BuiltinTools
         from alpaca2.server.tool_io import ToolRuntimeError
+        mcp = None
+        if mcp_configs:
+            from alpaca2.server.mcp import McpManager
+            mcp = McpManager(mcp_configs)
+            mcp.warmup()
+            print("alpaca2: WARNING: MCP servers are on (their tools at /tools, for anyone with the API key); "
+                  "do not use in untrusted environments", file=sys.stderr)
         try:
             builtin_tools = BuiltinTools(args.tools, args.tools_runtime or "", max_body=args.max_body,
-                                         body_timeout=args.timeout)
+                                         body_timeout=args.timeout, mcp=mcp)
         except ToolRuntimeError as e:
+            if mcp is not None:
+                mcp.close()
             raise ValueError(f"--tools-runtime: {e}") from None
-        print("alpaca2: WARNING: built-in tools are on (--tools: files and shell commands on this machine, "
-              "for anyone with the API key); do not use in untrusted environments", file=sys.stderr)
+        if args.tools:
+            print("alpaca2: WARNING: built-in tools are on (--tools: files and shell commands on this machine, "
+                  "for anyone with the API key); do not use in untrusted environments", file=sys.stderr)
     try:
-        return _serve(args, model_path, model_kwargs, builtin_tools)
+        return _serve(args, model_path, model_kwargs, builtin_tools, cors_proxy)
     finally:
         if builtin_tools is not None:
             builtin_tools.close()
 
 
-def _serve(args, model_path, model_kwargs, builtin_tools) -> int:
+def _serve(args, model_path, model_kwargs, builtin_tools, cors_proxy=None) -> int:
     import uvicorn
     hosts = [h.strip() for h in args.host.split(",") if h.strip()]
     _server_log(args.verbose)
@@ -369,7 +401,8 @@ def _serve(args, model_path, model_kwargs, builtin_tools) -> int:
                      formatter=formatter, reasoning_format=args.reasoning_format,
                      chat_template_kwargs=args.template_kwargs, verbose=args.verbose,
                      sleep_idle_seconds=args.sleep_idle_seconds, reasoning_budget=args.reasoning_budget,
-                     reasoning_budget_message=args.reasoning_budget_message, builtin_tools=builtin_tools)
+                     reasoning_budget_message=args.reasoning_budget_message, builtin_tools=builtin_tools,
+                     cors_proxy=cors_proxy)
         port = gcp.port(args.port) if gcp.enabled() else args.port
         socks = [_listen_socket(h, port) for h in hosts]
         host, port = socks[0].getsockname()[:2]
@@ -380,7 +413,8 @@ def _serve(args, model_path, model_kwargs, builtin_tools) -> int:
                                 timeout_keep_alive=min(args.timeout, 5), backlog=backlog,
                                 http=guarded_protocol(args.header_timeout, max_conn))
         server = _uvicorn_server_class()(config, engine, args.shutdown_timeout,
-                                         on_start=srv.sleep_watch.start if srv.sleep_watch else None)
+                                         on_start=srv.sleep_watch.start if srv.sleep_watch else None,
+                                         on_stop=builtin_tools.stop if builtin_tools else None)
         shown = f"[{host}]" if ":" in host else host
         print(f"alpaca2: serving {model_id} on http://{shown}:{port}/v1 "
               f"({engine.parallel} slots of {engine.n_ctx_slot} tokens, template {srv.template.name}"
@@ -405,11 +439,11 @@ def _uvicorn_server_class():
         On the signal: stop accepting, refuse new requests, let running ones finish for up to
         shutdown_timeout seconds, then end them with an error event (streams end cleanly)."""
 
-        def __init__(self, config, engine, shutdown_timeout, on_start=None):
+        def __init__(self, config, engine, shutdown_timeout, on_start=None, on_stop=None):
             super().__init__(config)
             self.engine = engine
             self.shutdown_timeout = shutdown_timeout
-            self.on_start = on_start
+            self.on_start, self.on_stop = on_start, on_stop
 
         async def startup(self, sockets=None):
             await super().startup(sockets)
@@ -418,6 +452,8 @@ def _uvicorn_server_class():
 
         async def shutdown(self, sockets=None):
             self.engine.drain()
+            if self.on_stop is not None:        # MCP calls waiting on their servers return now
+                self.on_stop()
             timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.engine.cancel_all)
             try:
                 await super().shutdown(sockets)

@@ -147,7 +147,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--api-key-file", default=None, help="a file of API keys, one a line")
     s.add_argument("--cors-origins", default=None,
                    help="origins allowed to call the API from a browser, comma-separated; 'localhost': this "
-                   "machine's only (default *, or localhost with --tools)")
+                   "machine's only (default *, or localhost with --tools, MCP servers or --ui-mcp-proxy)")
     s.add_argument("-to", "--timeout", type=POSITIVE, default=600,
                    help="seconds a client may take to send a request, and a keep-alive connection may idle "
                    "(default 600)")
@@ -187,6 +187,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="experimental: run the tools elsewhere: 'docker:<image>' / 'podman:<image>' (a container "
                    "of ours, removed on exit), 'docker-container:<id>' / 'podman-container:<id>' (a running "
                    "one), 'ssh:<target>' (key-based auth, a known host key)")
+    s.add_argument("--mcp-servers-config", default=None, metavar="PATH",
+                   help="experimental: a JSON file of MCP servers (Cursor's format: {\"mcpServers\": {name: "
+                   "{command, args, env, cwd, timeout_ms}}}) whose tools join /tools as <name>_<tool> - do not "
+                   "enable in untrusted environments; limits --cors-origins to localhost by default")
+    s.add_argument("--mcp-servers-json", default=None, metavar="JSON",
+                   help="experimental: the same, inline")
+    s.add_argument("--ui-mcp-proxy", "--webui-mcp-proxy", dest="ui_mcp_proxy", action="store_true", default=False,
+                   help="experimental: serve /cors-proxy?url=..., which fetches any http(s) URL from this machine "
+                   "(the web UI's MCP client uses it) - do not enable in untrusted environments; limits "
+                   "--cors-origins to localhost by default")
+    s.add_argument("--no-ui-mcp-proxy", "--no-webui-mcp-proxy", dest="ui_mcp_proxy", action="store_false")
+    s.add_argument("-ag", "--agent", dest="agent", action="store_true", default=False,
+                   help="--ui-mcp-proxy and --tools all together")
+    s.add_argument("-no-ag", "--no-agent", dest="agent", action="store_false")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 
     c = p.add_argument_group("context and batching")
@@ -294,17 +308,29 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
             args_error(prog, f"cannot read --api-key-file: {e.strerror}: {args.api_key_file}")
     args.api_keys = keys
     args.tools = [t.strip() for t in (args.tools or "").split(",") if t.strip()]
+    if args.agent:                      # as llama-server's --agent
+        args.tools, args.ui_mcp_proxy = ["all"], True
     if args.tools:
         from alpaca2.server.builtin_tools import check_tool_names
         try:
             check_tool_names(args.tools)
         except ValueError as e:
             args_error(prog, f"--tools: {e}")
-    if args.cors_origins is None:       # as llama-server: tools make the default this machine's origins only
-        args.cors_origins = "localhost" if args.tools else "*"
-        if args.tools:
-            print("alpaca2: built-in tools are enabled: CORS allows localhost origins only "
-                  "(change with --cors-origins)", file=sys.stderr)
+    args.mcp_configs = []
+    if args.mcp_servers_config or args.mcp_servers_json:     # read before the model: a bad one is a usage error
+        from alpaca2.server.mcp import McpConfigError, load_configs
+        try:
+            args.mcp_configs = load_configs(args.mcp_servers_config, args.mcp_servers_json)
+        except McpConfigError as e:
+            args_error(prog, str(e))
+    # as llama-server: tools or MCP servers make the default this machine's origins only; so does
+    # the CORS proxy here (llama-server leaves it at *)
+    if args.cors_origins is None:
+        risky = bool(args.tools or args.mcp_servers_config or args.mcp_servers_json or args.ui_mcp_proxy)
+        args.cors_origins = "localhost" if risky else "*"
+        if risky:
+            print("alpaca2: server tools, MCP servers or the MCP proxy are enabled: CORS allows localhost origins "
+                  "only (change with --cors-origins)", file=sys.stderr)
     if args.chat_template_file:
         try:
             with open(args.chat_template_file, encoding="utf-8") as f:

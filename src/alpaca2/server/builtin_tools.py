@@ -3,8 +3,9 @@ them, POST /tools {"tool": name, "params": {...}, "stream": false} runs one.
 
 read_file, file_glob_search, grep_search, exec_shell_command (the only one that streams),
 write_file, edit_file and get_info, with llama-server's parameters, limits and answers
-({"plain_text_response": ...} or {"error": ...}, both with status 200).  Off unless --tools names
-them; the API key applies; with tools on, CORS allows only this machine's origins unless
+({"plain_text_response": ...} or {"error": ...}, both with status 200), then the tools of MCP
+servers (mcp.py: --mcp-servers-config/-json).  Off unless --tools names them or MCP servers are
+configured; the API key applies; with either on, CORS allows only this machine's origins unless
 --cors-origins says otherwise (args.py).  Headers: x-tool-cwd (where relative paths resolve and
 commands run; a "cwd" in the params is ignored), x-tool-runtime (an isolate: docker-container:<id>,
 podman-container:<id>, ssh:<target>; else --tools-runtime's) and x-resp-type: base64 (read_file).
@@ -17,6 +18,7 @@ import concurrent.futures
 import json
 import os
 import re
+import sys
 import threading
 
 from alpaca2.server.tool_edit import EditError, apply_edits
@@ -90,9 +92,11 @@ class Stream:
 
 class Tool:
     name = display_name = ""
+    kind = "server"             # "mcp": a tool of an MCP server (mcp.py)
     permission_write = False
     support_stream = False
     uses_cwd = True
+    takes_headers = True        # gets x-tool-cwd, x-tool-runtime and x-resp-type as params
 
     def definition(self) -> dict:
         raise NotImplementedError
@@ -101,7 +105,7 @@ class Tool:
         raise NotImplementedError
 
     def to_json(self) -> dict:
-        return {"display_name": self.display_name, "tool": self.name, "type": "server",
+        return {"display_name": self.display_name, "tool": self.name, "type": self.kind,
                 "permissions": {"write": self.permission_write}, "uses_cwd": self.uses_cwd,
                 "definition": self.definition()}
 
@@ -442,17 +446,43 @@ def _header(request, name: str) -> str:
 class BuiltinTools:
     """The /tools endpoints of a server started with --tools (and --tools-runtime)."""
 
-    def __init__(self, enabled, runtime: str = "", max_body: int = 1 << 20, body_timeout: float | None = None):
+    def __init__(self, enabled, runtime: str = "", max_body: int = 1 << 20, body_timeout: float | None = None,
+                 mcp=None):
         enabled = set(check_tool_names(enabled))
         self.tools = [cls() for cls in ALL_TOOLS if "all" in enabled or cls.name in enabled]
         self.max_body, self.body_timeout = max_body, body_timeout
         self.runtime = make_runtime(runtime) if runtime else None       # raises ToolRuntimeError
+        self.mcp = mcp          # alpaca2.server.mcp.McpManager (after its warmup), or None
+        if mcp is not None:
+            self._add_mcp_tools(mcp)
         self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="alpaca2-tools")
 
+    def _add_mcp_tools(self, mcp):
+        """The MCP servers' tools after the built-in ones; a name already taken is skipped, as
+        llama-server skips it."""
+        from alpaca2.server.mcp import McpTool
+        seen = {t.name for t in self.tools}
+        for tool_def in mcp.registry:
+            tool = McpTool(tool_def, mcp)
+            if tool.name in seen:
+                print(f"alpaca2: WARNING: MCP tool \"{tool.name}\" from server \"{tool_def.server_name}\" "
+                      "collides with an existing tool, skipping", file=sys.stderr)
+                continue
+            seen.add(tool.name)
+            self.tools.append(tool)
+
+    def stop(self):
+        """Server shutdown has begun: calls waiting on an MCP server return at once."""
+        if self.mcp is not None:
+            self.mcp.shutdown()
+
     def close(self):
+        self.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.runtime is not None:
             self.runtime.close()
+        if self.mcp is not None:
+            self.mcp.close()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -492,16 +522,17 @@ class BuiltinTools:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise bad("'stream' must be a boolean", "stream")
-        # only the headers set where the tools run; the model's params never do
-        params = {k: v for k, v in params.items() if k not in ("cwd", "runtime", "resp_type")}
-        for header, key in (("x-tool-cwd", "cwd"), ("x-tool-runtime", "runtime"), ("x-resp-type", "resp_type")):
-            value = _header(request, header)
-            if value:
-                params[key] = value
+        tool = self._find(name, stream)
+        if tool.takes_headers:
+            # only the headers set where the tools run; the model's params never do
+            params = {k: v for k, v in params.items() if k not in ("cwd", "runtime", "resp_type")}
+            for header, key in (("x-tool-cwd", "cwd"), ("x-tool-runtime", "runtime"), ("x-resp-type", "resp_type")):
+                value = _header(request, header)
+                if value:
+                    params[key] = value
         try:
-            if "runtime" not in params and self.runtime is not None:
+            if tool.takes_headers and "runtime" not in params and self.runtime is not None:
                 params["runtime"] = await self._run(self.runtime.spec)
-            tool = self._find(name, stream)
             if stream:
                 return self._stream(tool, params)
             result = await self._run(tool.invoke, params, None)

@@ -60,9 +60,9 @@ def json_depth(data: bytes) -> int:
     return max(itertools.accumulate(1 if c in b"[{" else -1 for c in brackets), default=0)
 
 
-async def read_json(request, max_body: int, timeout: float | None = None, array: bool = False):
-    """The request's body as a JSON object (array=True: a JSON array); 400 when it is too large, too
-    deep, not JSON, or not an object (array), or when it does not arrive within timeout seconds (408)."""
+async def read_body(request, max_body: int, timeout: float | None = None) -> bytes:
+    """The request's body; 400 when it is over max_body bytes, 408 when it does not arrive within
+    timeout seconds."""
     chunks, size = [], 0
 
     async def read():
@@ -83,7 +83,13 @@ async def read_json(request, max_body: int, timeout: float | None = None, array:
         raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
     if size > max_body:
         raise bad(f"the request body is over the limit of {max_body} bytes", code="request_too_large")
-    data = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request, max_body: int, timeout: float | None = None, array: bool = False):
+    """The request's body as a JSON object (array=True: a JSON array); 400 when it is too large, too
+    deep, not JSON, or not an object (array), or when it does not arrive within timeout seconds (408)."""
+    data = await read_body(request, max_body, timeout)
     if json_depth(data) > MAX_DEPTH:
         raise bad(f"the JSON body nests deeper than {MAX_DEPTH} levels", code="json_too_deep")
     try:

@@ -285,7 +285,9 @@ def serve(args, model_path: str, model_kwargs: dict | None = None) -> int:
                         queue_size=args.queue, type_k=args.cache_type_k, type_v=args.cache_type_v,
                         flash_attn=args.flash_attn, pooling=args.pooling, draft_model=draft, lookup=args.lookup,
                         n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
-                        draft_p_min=args.draft_p_min, kv_unified=args.kv_unified)
+                        draft_p_min=args.draft_p_min, kv_unified=args.kv_unified, spec_types=args.spec_type,
+                        spec_ngram_size_n=args.spec_ngram_simple_size_n,
+                        spec_ngram_size_m=args.spec_ngram_simple_size_m)
     except BaseException:
         if draft is not None:
             draft.close()

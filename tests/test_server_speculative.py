@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from alpaca2.server.speculative import lookup_draft, ngram_simple_draft  # noqa: E402
+from alpaca2.server.speculative import lookup_draft, ngram_simple_draft, synth_probs  # noqa: E402
 from server_process import NO_EOS, ServerProcess  # noqa: E402
 
 PROMPTS = ["一二三四五六七八九十一二三四五六七八九十", "hello hello hello hello hello",
@@ -146,3 +146,18 @@ def test_bad_spec_types_are_usage_errors(tiny_path, args, words):
     r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", str(tiny_path), "--port", "0", *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_synthetic_acceptance_rates():
+    """--spec-synth-len L: rates p, p^2 ... whose sum is L - 1 (the mean kept drafts); the chances
+    per draft are the rates' ratios, as llama-server's."""
+    probs = synth_probs(None, 3.0, 8)
+    rates = [probs[0]]
+    for q in probs[1:]:
+        rates.append(rates[-1] * q)
+    assert sum(rates) == pytest.approx(2.0, abs=1e-6) and all(q == pytest.approx(probs[0]) for q in probs)
+    assert synth_probs([1.0, 0.5, 0.25], None, 3) == [1.0, 0.5, 0.5]
+    assert synth_probs(None, 4.0, 3) == [1.0, 1.0, 1.0] and synth_probs(None, 1.0, 3) == [0.0, 0.0, 0.0]
+    for rates, length in (([0.5, 0.6, 0.1], None), ([1.0], None), (None, 9.0), ([1.0, 1.0, 1.0], 2.0)):
+        with pytest.raises(ValueError):
+            synth_probs(rates, length, 3)

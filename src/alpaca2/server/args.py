@@ -39,6 +39,13 @@ def _int_in(lo, hi, what="a whole number"):
     return parse
 
 
+def _float_list(text):
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers separated by commas") from None
+
+
 def _float_in(lo, hi):
     def parse(text):
         try:
@@ -173,6 +180,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="ngram-simple: tokens looked up (default 12)")
     d.add_argument("--spec-ngram-simple-size-m", type=_int_in(1, 1024), default=48, metavar="N",
                    help="ngram-simple: most tokens drafted after a match (default 48)")
+    d.add_argument("--spec-synth-len", type=float, default=None, metavar="L",
+                   help="benchmarking only: drafts kept at random, this mean accepted length (target token included)")
+    d.add_argument("--spec-synth-rates", type=_float_list, default=None, metavar="P0,P1,...",
+                   help="benchmarking only: the chance that drafts 0, 1, ... are kept, whatever the model says")
     d.add_argument("--spec-ngram-simple-min-hits", type=_int_in(1, 65535), default=1, metavar="N",
                    help="accepted (ngram-simple drafts after one hit, as llama-server's)")
     d.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", default=None,
@@ -182,8 +193,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    type=_int_in(1, 256), default=16, help="most drafted tokens per step (default 16)")
     d.add_argument("--draft-min", "--draft-n-min", "--spec-draft-n-min", dest="draft_min", type=_int_in(0, 256),
                    default=1, help="fewest drafted tokens per step (default 1)")
-    d.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=_float_in(0, 1), default=0.75,
-                   help="a draft stops at a token less likely than this (default 0.75)")
+    d.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=_float_in(0, 1), default=0.0,
+                   help="a draft model stops at a token less likely than this (default 0, as llama-server)")
     d.add_argument("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", dest="n_gpu_layers_draft",
                    type=_gpu_layers, default=-1, help="draft model layers on the GPU (default: all)")
 

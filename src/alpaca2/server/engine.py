@@ -150,7 +150,7 @@ class Engine:
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
                  pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
-                 draft_p_min=0.75, kv_unified=False, spec_types=(), spec_ngram_size_n=12, spec_ngram_size_m=48):
+                 draft_p_min=0.75, kv_unified=False, spec_types=(), spec_options=None):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:
@@ -165,8 +165,7 @@ class Engine:
                               n_threads_batch=n_threads_batch, type_k=type_k, type_v=type_v)
         types = [t for t in spec_types if t != "none"] + (["draft-simple"] if draft_model is not None else [])
         self._spec_args = dict(types=list(dict.fromkeys(types)), lookup=lookup, draft_model=draft_model,
-                               n_draft=n_draft, n_draft_min=n_draft_min, p_min=draft_p_min,
-                               size_n=spec_ngram_size_n, size_m=spec_ngram_size_m,
+                               n_draft=n_draft, n_draft_min=n_draft_min, p_min=draft_p_min, **(spec_options or {}),
                                stats={"n_drafted": 0, "n_accepted": 0, "n_steps": 0})   # kept while asleep
         self.ctx = self.spec = None
         self._make_contexts(flash_attn)

@@ -23,6 +23,8 @@ The rejected drafts' positions are then dropped from the slot's KV-cache sequenc
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 from alpaca2._core import Context, check_draft_compatible
@@ -32,6 +34,36 @@ SPEC_TYPES = ("none", "draft-simple", "ngram-simple")
 UNSUPPORTED_SPEC_TYPES = ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-map-k",
                           "ngram-map-k4v", "ngram-mod", "ngram-cache")
 LOOKUP_NGRAM_MAX = 4            # --lookup: the longest n-gram looked up
+
+
+def synth_probs(rates, length, n_max) -> list:
+    """llama-server's --spec-synth-rates / --spec-synth-len (benchmarking): the chance that draft i is
+    kept once drafts 0 .. i-1 were (common_speculative_synth_rates_resolve, then rate[i] / rate[i-1])."""
+    if rates is None and length is None:
+        return []
+    if rates is not None and length is not None:
+        raise ValueError("--spec-synth-len and --spec-synth-rates are mutually exclusive")
+    if rates is not None:
+        if len(rates) != n_max:
+            raise ValueError(f"--spec-synth-rates must hold {n_max} values (the most drafted tokens), got {len(rates)}")
+        if any(not 0.0 <= r <= 1.0 for r in rates) or any(b > a for a, b in zip(rates, rates[1:])):
+            raise ValueError("--spec-synth-rates must be within [0, 1] and never increase")
+    else:
+        if not 1.0 <= length <= n_max + 1:
+            raise ValueError(f"--spec-synth-len must be within [1, {n_max + 1}]")
+        p = 1.0 if length == n_max + 1 else 0.0
+        if 1.0 < length < n_max + 1:         # p + p^2 + ... + p^n_max = length - 1, by bisection
+            lo, hi = 0.0, 1.0
+            for _ in range(32):
+                p = 0.5 * (lo + hi)
+                lo, hi = (p, hi) if sum(p ** (j + 1) for j in range(n_max)) < length - 1.0 else (lo, p)
+            p = 0.5 * (lo + hi)
+        rates = [p ** (i + 1) for i in range(n_max)]
+    out, prev = [], 1.0
+    for r in rates:
+        out.append(r / prev if prev > 0 else 0.0)
+        prev = r
+    return out
 
 
 def _last_match(arr, pattern, lo, end) -> int:
@@ -125,13 +157,16 @@ class SlotSpeculation:
     """Drafts for the generating slots of one step, and their verification after its decode."""
 
     def __init__(self, ctx: Context, *, types=("ngram-simple",), lookup=False, draft_model=None, parallel=1,
-                 n_draft=16, n_draft_min=1, p_min=0.75, size_n=12, size_m=48, stats=None, **draft_ctx_args):
+                 n_draft=16, n_draft_min=1, p_min=0.75, size_n=12, size_m=48, synth_len=None, synth_rates=None,
+                 stats=None, **draft_ctx_args):
         self.ctx = ctx
         self.types = [t for t in types if t != "none"]
         if lookup:
             self.types.append("lookup")
         self.n_draft, self.n_draft_min = n_draft, max(1, min(n_draft_min, n_draft))
         self.size_n, self.size_m = size_n, size_m
+        n_max = max(size_m if t == "ngram-simple" else n_draft for t in self.types)
+        self.synth = synth_probs(synth_rates, synth_len, n_max)
         self._check_partial_removal()
         self.drafter = None
         if "draft-simple" in self.types:
@@ -163,6 +198,7 @@ class SlotSpeculation:
             else:
                 bias = getattr(slot.job.sampler, "params", {}).get("logit_bias")
                 d = self.drafter.draft(slot.seq_id, hist, min(n_max, self.n_draft), bias)
+                d = d if len(d) >= self.n_draft_min else []       # as llama-server: too short, not worth it
             if d:
                 return d[:n_max]
         return []
@@ -201,11 +237,14 @@ class SlotSpeculation:
         sampler = job.sampler
         new = []
         try:
-            new.append(sampler.sample(self.ctx, idx))
-            for d, i in zip(drafts, idxs):
-                if new[-1] != d:
-                    break
-                new.append(sampler.sample(self.ctx, i))
+            if self.synth:
+                self._verify_synth(job, [idx] + idxs, drafts, new)
+            else:
+                new.append(sampler.sample(self.ctx, idx))
+                for d, i in zip(drafts, idxs):
+                    if new[-1] != d:
+                        break
+                    new.append(sampler.sample(self.ctx, i))
         finally:              # kept drafts enter the slot's tokens; the others leave the cache
             slot.tokens += drafts[:max(len(new) - 1, 0)]
             self.ctx.seq_rm(slot.seq_id, len(slot.tokens), -1)
@@ -222,6 +261,22 @@ class SlotSpeculation:
         elif 2 * n_ok < len(drafts):
             self.n_cur[slot.seq_id] = max(self.n_draft_min, n - 1)
         return new
+
+    def _verify_synth(self, job, idxs, drafts, new):
+        """llama-server's synthetic acceptance (benchmarking): draft i is kept with probability
+        synth[i] whatever the model samples (an end-of-generation draft never is), by a generator
+        seeded with the request's seed.  (The sampler has seen its own token, not the kept draft:
+        exact for chains without penalties, which is what this is for.)"""
+        if getattr(job, "synth_rng", None) is None:
+            job.synth_rng = random.Random(job.seed)
+        for i, d in enumerate(drafts):
+            tok = job.sampler.sample(self.ctx, idxs[i])
+            if job.synth_rng.random() < self.synth[i] and not self.ctx.model.token_is_eog(d):
+                new.append(d)
+                continue
+            new.append(tok)
+            return
+        new.append(job.sampler.sample(self.ctx, idxs[len(drafts)]))
 
     def close(self):
         if self.drafter is not None:

@@ -4,8 +4,9 @@ One background thread owns the Context (``--parallel N`` sequences in one unifie
 runs the decode loop; asyncio handlers hand it jobs and read text back through queues.  Each step
 builds one Batch from all busy slots (one token for each generating request, prompt chunks for new
 ones, up to n_batch tokens), calls llama_decode once (the GIL is released meanwhile), and samples
-each slot's token with that slot's own sampler.  A slot keeps its tokens in the KV cache after its
-request ends; a new request takes the free slot whose tokens share the longest prefix with its
+each slot's token with that slot's own sampler.  With speculative decoding each generating slot's
+drafts go last in the same batch and its sampler then checks them (alpaca2.server.speculative).
+A slot keeps its tokens in the KV cache after its request ends; a new request takes the free slot whose tokens share the longest prefix with its
 prompt and decodes only the rest.  A cancelled job frees its slot at the next step.
 """
 from __future__ import annotations

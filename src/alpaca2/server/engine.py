@@ -151,7 +151,7 @@ class Engine:
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
                  pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
-                 draft_p_min=0.75, kv_unified=False, spec_types=(), spec_options=None):
+                 draft_p_min=0.0, kv_unified=False, spec_types=(), spec_options=None):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:

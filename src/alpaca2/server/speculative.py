@@ -157,7 +157,7 @@ class SlotSpeculation:
     """Drafts for the generating slots of one step, and their verification after its decode."""
 
     def __init__(self, ctx: Context, *, types=("ngram-simple",), lookup=False, draft_model=None, parallel=1,
-                 n_draft=16, n_draft_min=1, p_min=0.75, size_n=12, size_m=48, synth_len=None, synth_rates=None,
+                 n_draft=16, n_draft_min=1, p_min=0.0, size_n=12, size_m=48, synth_len=None, synth_rates=None,
                  stats=None, **draft_ctx_args):
         self.ctx = ctx
         self.types = [t for t in types if t != "none"]

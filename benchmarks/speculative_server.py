@@ -65,6 +65,14 @@ def passage(k):
 
 
 async def one_request(client, url, k, n):
+    """One streamed request; a pooled keep-alive connection the server closed meanwhile is retried once."""
+    try:
+        return await _one_request(client, url, k, n)
+    except httpx.RemoteProtocolError:
+        return await _one_request(client, url, k, n)
+
+
+async def _one_request(client, url, k, n):
     body = {"prompt": PROMPT.format(p=passage(k)), "max_tokens": n, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()

@@ -68,19 +68,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_llama_server(model, parallel, n_ctx, threads):
+def start_llama_server(model, parallel, n_ctx, threads, extra=()):
     port = free_port()
     cmd = [llama_server_path(), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
-           "-c", str(n_ctx), "-t", str(threads), "--metrics", "--no-webui"]
+           "-c", str(n_ctx), "-t", str(threads), "--metrics", "--no-webui", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     return proc, f"http://127.0.0.1:{port}", lines
 
 
-def start_server(model, parallel, n_ctx, threads):
+def start_server(model, parallel, n_ctx, threads, extra=()):
     cmd = [sys.executable, "-m", "alpaca2", "serve", "-m", model, "--host", "127.0.0.1", "--port", "0",
-           "-np", str(parallel), "-c", str(n_ctx), "-t", str(threads), "--metrics"]
+           "-np", str(parallel), "-c", str(n_ctx), "-t", str(threads), "--metrics", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines, ready, url = [], threading.Event(), []
 

@@ -109,9 +109,14 @@ _download_file = utils.download_file
 
 
 def download_file(url, output_file_path=None):
-    """A file the suite downloads by URL (test_lora's adapter): its local substitute."""
+    """A file the suite downloads by URL: test_lora's adapter gets its local substitute, a Hub
+    model (test_speculative's draft) the chat model."""
     local = MODELS.get(("file", url.split("/")[-1]))
-    return local if local is not None else _download_file(url, output_file_path)
+    if local is not None:
+        return local
+    if url.endswith(".gguf"):
+        return MODELS[("*", None)]
+    return _download_file(url, output_file_path)
 
 
 utils.download_file = download_file            # before the test modules' `from utils import *`

@@ -4,7 +4,6 @@
 Tiny f32 model, a real server subprocess on localhost, the real openai client and httpx.
 """
 import math
-import re
 import subprocess
 import sys
 
@@ -357,39 +356,3 @@ def test_completion_with_several_prompts(server, vocab):
     assert mixed["tokens_evaluated"] == 4 + len(vocab.tokenize("text", add_bos=False))
     r = post(server, "/completion", dict(base, prompt={"prompt_string": "x <__media__>", "multimodal_data": "AA=="}))
     assert r.status_code == 400
-
-
-# -- speculative decoding -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("flags", [["--lookup"], ["-md", "OTHER"], ["-md", "SELF", "--draft-p-min", "0"]],
-                         ids=["lookup", "other-draft", "self-draft"])
-def test_speculative_answers_equal_plain_ones(tiny_path, other_path, flags):
-    """Greedy: the speculative server's answers are token for token the plain server's, whatever
-    the draft (the model itself as its own draft: every draft is accepted)."""
-    flags = [{"OTHER": str(other_path), "SELF": str(tiny_path)}.get(f, f) for f in flags]
-    body = {"n_predict": 40, "temperature": 0, "logit_bias": NO_EOS, "return_tokens": True}
-    prompts = ["一二三四五六七八九十一二三四五六七八九十", "hello hello hello hello hello", "床前明月光，疑是地上霜。"]
-    plain = ServerProcess(tiny_path, "-np", "1", "-c", "512")
-    try:
-        want = [post(plain, "/completion", dict(body, prompt=p)).json()["tokens"] for p in prompts]
-    finally:
-        plain.stop()
-    spec = ServerProcess(tiny_path, "-np", "1", "-c", "512", "--metrics", *flags)
-    try:
-        got = [post(spec, "/completion", dict(body, prompt=p)).json()["tokens"] for p in prompts]
-        metrics = httpx.get(spec.url + "/metrics", timeout=30).text
-        sampled = post(spec, "/completion", dict(body, prompt=prompts[0], temperature=0.9, seed=1)).json()
-    finally:
-        spec.stop()
-    assert got == want
-    steps = float(re.search(r"^llamacpp:spec_decode_num_drafts_total (\S+)", metrics, re.M).group(1))
-    assert 0 < steps <= 3 * 39           # one verification step per token at most
-    if str(tiny_path) in flags:
-        assert steps < 3 * 39 / 4        # its own draft: several tokens per step
-    assert sampled["tokens_predicted"] == 40
-
-
-def test_speculative_needs_one_slot(tiny_path):
-    r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", str(tiny_path), "--lookup", "-np", "2",
-                        "--port", "0"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "-np 1" in r.stderr

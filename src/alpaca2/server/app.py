@@ -379,7 +379,9 @@ def _serve(args, model_path, model_kwargs, builtin_tools, cors_proxy=None) -> in
                         flash_attn=args.flash_attn, pooling=args.pooling, draft_model=draft, lookup=args.lookup,
                         n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
                         draft_p_min=args.draft_p_min, kv_unified=args.kv_unified, cache_ram=args.cache_ram,
-                        cache_idle_slots=args.cache_idle_slots, lora=lora)
+                        cache_idle_slots=args.cache_idle_slots, lora=lora, spec_types=args.spec_type,
+                        spec_options=dict(size_n=args.spec_ngram_simple_size_n, size_m=args.spec_ngram_simple_size_m,
+                                          synth_len=args.spec_synth_len, synth_rates=args.spec_synth_rates))
     except BaseException:
         if draft is not None:
             draft.close()

@@ -39,6 +39,13 @@ def _int_in(lo, hi, what="a whole number"):
     return parse
 
 
+def _float_list(text):
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers separated by commas") from None
+
+
 def _float_in(lo, hi):
     def parse(text):
         try:
@@ -231,7 +238,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     c.add_argument("--swa-full", action="store_true", help="accepted: the SWA cache is always full size")
     c.add_argument("--no-warmup", action="store_true", help="accepted (a one-token warm-up decode always runs)")
 
-    d = p.add_argument_group("speculative decoding (with -np 1)")
+    d = p.add_argument_group("speculative decoding (every slot; alpaca2.server.speculative)")
+    d.add_argument("--spec-type", dest="spec_type", action="append", default=[], metavar="TYPES",
+                   help="comma-separated, tried in order: none, ngram-simple (n-gram lookup in the slot's own "
+                   "tokens, no draft model), draft-simple (-md; implied by -md)")
+    d.add_argument("--spec-ngram-simple-size-n", type=_int_in(1, 1024), default=12, metavar="N",
+                   help="ngram-simple: tokens looked up (default 12)")
+    d.add_argument("--spec-ngram-simple-size-m", type=_int_in(1, 1024), default=48, metavar="N",
+                   help="ngram-simple: most tokens drafted after a match (default 48)")
+    d.add_argument("--spec-synth-len", type=float, default=None, metavar="L",
+                   help="benchmarking only: drafts kept at random, this mean accepted length (target token included)")
+    d.add_argument("--spec-synth-rates", type=_float_list, default=None, metavar="P0,P1,...",
+                   help="benchmarking only: the chance that drafts 0, 1, ... are kept, whatever the model says")
+    d.add_argument("--spec-ngram-simple-min-hits", type=_int_in(1, 65535), default=1, metavar="N",
+                   help="accepted (ngram-simple drafts after one hit, as llama-server's)")
     d.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", default=None,
                    help="draft model (same vocabulary): drafts tokens the model verifies in one decode")
     d.add_argument("--lookup", action="store_true", help="draft by n-gram lookup in the prompt and answer")
@@ -239,8 +259,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    type=_int_in(1, 256), default=16, help="most drafted tokens per step (default 16)")
     d.add_argument("--draft-min", "--draft-n-min", "--spec-draft-n-min", dest="draft_min", type=_int_in(0, 256),
                    default=1, help="fewest drafted tokens per step (default 1)")
-    d.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=_float_in(0, 1), default=0.75,
-                   help="a draft stops at a token less likely than this (default 0.75)")
+    d.add_argument("--draft-p-min", "--spec-draft-p-min", dest="draft_p_min", type=_float_in(0, 1), default=0.0,
+                   help="a draft model stops at a token less likely than this (default 0, as llama-server)")
     d.add_argument("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", dest="n_gpu_layers_draft",
                    type=_gpu_layers, default=-1, help="draft model layers on the GPU (default: all)")
 
@@ -347,10 +367,25 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
             args_error(prog, "--chat-template-kwargs must be a JSON object")
     if args.reasoning != "auto":
         args.template_kwargs["enable_thinking"] = args.reasoning == "on"
+    _check_spec_types(prog, args)
     custom = args.chat_template not in (None, "auto", "alpaca2", "model", "completion")
     if custom and args.jinja is not False:
         _check_jinja(prog, args.chat_template, "--chat-template-file" if args.chat_template_file else "--chat-template")
     return args
+
+
+def _check_spec_types(prog, args):
+    """--spec-type's names (llama-server's), those alpaca2 does, checked before the model loads."""
+    from alpaca2.server.speculative import SPEC_TYPES, UNSUPPORTED_SPEC_TYPES
+    types = [t.strip() for v in args.spec_type for t in v.split(",") if t.strip()]
+    for t in types:
+        if t in UNSUPPORTED_SPEC_TYPES:
+            args_error(prog, f"--spec-type {t}: not supported by alpaca2 serve (supported: {', '.join(SPEC_TYPES)})")
+        if t not in SPEC_TYPES:
+            args_error(prog, f"--spec-type: unknown type {t!r} (supported: {', '.join(SPEC_TYPES)})")
+    if "draft-simple" in types and not args.model_draft:
+        args_error(prog, "--spec-type draft-simple needs a draft model (-md FILE)")
+    args.spec_type = types
 
 
 def _check_jinja(prog, source, flag):

@@ -4,10 +4,11 @@ One background thread owns the Context (``--parallel N`` sequences in one unifie
 runs the decode loop; asyncio handlers hand it jobs and read text back through queues.  Each step
 builds one Batch from all busy slots (one token for each generating request, prompt chunks for new
 ones, up to n_batch tokens), calls llama_decode once (the GIL is released meanwhile), and samples
-each slot's token with that slot's own sampler.  A slot keeps its tokens in the KV cache after its
-request ends; a new request takes the free slot whose tokens cover most of its prompt and decodes
-only the rest (prompt_cache.py: that choice, and the host-memory cache of prompts slots gave up).
-A cancelled job frees its slot at the next step.
+each slot's token with that slot's own sampler.  With speculative decoding each generating slot's
+drafts go last in the same batch and its sampler then checks them (alpaca2.server.speculative).
+A slot keeps its tokens in the KV cache after its request ends; a new request takes the free slot
+whose tokens cover most of its prompt and decodes only the rest (prompt_cache.py: that choice, and
+the host-memory cache of prompts slots gave up).  A cancelled job frees its slot at the next step.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import time
 
 import numpy as np
 
-from alpaca2._core import Batch, Context, Model, Speculator
+from alpaca2._core import Batch, Context, Model
 from alpaca2.errors import Alpaca2Error, ContextFullError
 from alpaca2.server import prompt_cache
 from alpaca2.server.embed_job import EmbedJob
 from alpaca2.server.lora import LoraSet
 from alpaca2.server.prompt_cache import common_prefix, pick_slot
+from alpaca2.server.speculative import SlotSpeculation
 from alpaca2.server.validation import APIError
 from alpaca2.streaming import TextStream
 
@@ -57,9 +59,8 @@ class Job:
         self.preserved = frozenset()    # special tokens shown as their text (a template's tool-call markup)
         self.slot_id = -1               # the slot it runs in
         self.return_progress = False    # ("progress", {...}) events while the prompt is decoded
-        self.speculate = False          # may go through the engine's Speculator (set by the API layer)
-        self.draft_sampler = None       # the draft model's chain (sampling, not greedy, with -md)
-        self.spec_started = False
+        self.speculate = False          # its slot may draft tokens (set by the API layer; server/speculative.py)
+        self.n_drafted = self.n_draft_accepted = 0
         self.generated: list[int] = []
         self._toks: list[int] = []       # sampled since the last text event
         self._probs: list[dict] = []
@@ -93,7 +94,8 @@ class Job:
         predicted_n = self.completion_tokens
         prompt_ms, predicted_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         steps = max(predicted_n - 1, 0)
-        return {"cache_n": self.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+        drafts = {"draft_n": self.n_drafted, "draft_n_accepted": self.n_draft_accepted} if self.n_drafted else {}
+        return {**drafts, "cache_n": self.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
                 "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
                 "prompt_per_second": prompt_n / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
                 "predicted_n": predicted_n, "predicted_ms": predicted_ms,
@@ -127,7 +129,8 @@ class Engine:
     def __init__(self, model: Model, *, n_ctx=4096, parallel=4, n_batch=512, n_ubatch=512, n_threads=None,
                  n_threads_batch=None, queue_size=64, type_k="f16", type_v="f16", flash_attn="auto",
                  pooling=None, draft_model: Model | None = None, lookup=False, n_draft=16, n_draft_min=1,
-                 draft_p_min=0.75, kv_unified=False, cache_ram=0, cache_idle_slots=True, lora=None):
+                 draft_p_min=0.0, kv_unified=False, cache_ram=0, cache_idle_slots=True, lora=None, spec_types=(),
+                 spec_options=None):
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         if n_batch < parallel:
@@ -139,16 +142,14 @@ class Engine:
         self.parallel = parallel
         self.queue_size = queue_size
         self.pooling = pooling
-        if (draft_model is not None or lookup) and parallel != 1:
-            raise ValueError("speculative decoding (-md / --lookup) needs -np 1 here")
         self._ctx_args = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, n_ubatch), n_threads=n_threads,
                               n_threads_batch=n_threads_batch, type_k=type_k, type_v=type_v)
-        self._spec_args = dict(draft_model=draft_model, lookup=lookup, n_draft=n_draft, n_draft_min=n_draft_min,
-                               p_min=draft_p_min)
-        self.ctx = self.draft_ctx = self.spec = None
+        types = [t for t in spec_types if t != "none"] + (["draft-simple"] if draft_model is not None else [])
+        self._spec_args = dict(types=list(dict.fromkeys(types)), lookup=lookup, draft_model=draft_model,
+                               n_draft=n_draft, n_draft_min=n_draft_min, p_min=draft_p_min, **(spec_options or {}),
+                               stats={"n_drafted": 0, "n_accepted": 0, "n_steps": 0})   # kept while asleep
+        self.ctx = self.spec = None
         self._make_contexts(flash_attn)
-        self.spec_steps_total = 0
-        self.spec_tokens_total = 0
         # each slot gets n_ctx / parallel; with kv_unified (llama-server's -kvu) any slot may use the whole
         # cache, and a step that finds it full evicts idle slots' tokens, then fails the busy requests
         self.kv_unified = kv_unified
@@ -197,40 +198,34 @@ class Engine:
         self._thread.start()
 
     def _make_contexts(self, flash_attn="auto"):
-        """The decode context (all slots, one unified KV cache) and, with -md/--lookup, the draft's
-        context and the Speculator (one slot)."""
+        """The decode context (all slots, one unified KV cache) and, with -md/--lookup/--spec-type,
+        the slots' speculative decoding (with the draft model's context)."""
         a, sa = self._ctx_args, self._spec_args
         self._flash_attn = flash_attn
         self.ctx = Context(self.model, n_seq_max=self.parallel, kv_unified=True, flash_attn=flash_attn, **a)
-        if sa["draft_model"] is None and not sa["lookup"]:
-            return
-        try:
-            if sa["draft_model"] is not None:
-                self.draft_ctx = Context(sa["draft_model"], n_ctx=self.ctx.n_ctx, n_batch=a["n_batch"],
-                                         n_ubatch=a["n_ubatch"], n_threads=a["n_threads"],
-                                         n_threads_batch=a["n_threads_batch"], type_k=a["type_k"], type_v=a["type_v"])
-            self.spec = Speculator(self.ctx, self.draft_ctx, lookup=sa["lookup"] and sa["draft_model"] is None,
-                                   n_draft=sa["n_draft"], n_draft_min=sa["n_draft_min"], p_min=sa["p_min"])
-        except BaseException:
-            if self.draft_ctx is not None:
-                self.draft_ctx.close()
-            self.ctx.close()
-            raise
+        if self.speculative:
+            try:
+                self.spec = SlotSpeculation(self.ctx, parallel=self.parallel, **sa, **a)
+            except BaseException:
+                self.ctx.close()
+                raise
 
     def _close_contexts(self):
-        for c in (self.ctx, self.draft_ctx):
-            if c is not None:
-                c.close()
-        self.ctx = self.draft_ctx = self.spec = None
+        if self.spec is not None:
+            self.spec.close()
+        if self.ctx is not None:
+            self.ctx.close()
+        self.ctx = self.spec = None
 
     # -- sleeping (llama-server's --sleep-idle-seconds) -------------------------------------------
     @property
     def speculative(self) -> bool:
-        return self._spec_args["draft_model"] is not None or self._spec_args["lookup"]
+        return bool(self._spec_args["types"]) or self._spec_args["lookup"]
 
     @property
-    def draft_model(self):
-        return self._spec_args["draft_model"]
+    def spec_stats(self) -> dict:
+        """Drafted and accepted tokens, verification steps (llama-server's spec_decode_* counters)."""
+        return self._spec_args["stats"]
 
     @property
     def sleeping(self) -> bool:
@@ -529,11 +524,6 @@ class Engine:
             if s.job is not None and s.job.cancelled:
                 self.cancelled_total += 1
                 self._release(s)
-        if self.spec is not None:
-            s = self.slots[0]
-            if s.job is not None and s.pending is not None and s.job.speculate:
-                self._speculate(s)
-                return
         batch.clear()
         room = self.ctx.n_batch
         plan = []                      # (slot, batch index) whose logits are sampled after the decode
@@ -545,6 +535,7 @@ class Engine:
                 s.tokens.append(s.pending)
                 s.pending = None
                 room -= 1
+        generating = list(plan)
         if room < self.ctx.n_batch:    # others are generating: a long prompt goes in smaller pieces,
             room = min(room, PROMPT_CHUNK_WHILE_GENERATING)        # so their next token is not held up
         for s in sorted(busy, key=lambda s: s.job.t_submit):      # then prompts, oldest first
@@ -561,6 +552,8 @@ class Engine:
             s.prompt_pos += n
             room -= n
             prompting.append(s)
+        if self.spec is not None:          # drafts go last: the outputs before them keep their indices
+            self.spec.add_drafts(batch, generating, self.ctx.n_batch - len(batch), self.n_ctx_slot)
         if len(batch) == 0:
             return
         t0 = time.perf_counter()
@@ -592,14 +585,18 @@ class Engine:
                     events.append((s.job, self._progress(s.job, s.prompt_pos)))
         n_new = 0
         for out, (s, idx) in enumerate(plan):      # plan is in batch order: out is the output index
-            try:
-                tok = s.job.sampler.sample(self.ctx, idx)
+            try:       # with drafts: the pending token's successor and every kept draft's
+                new = self.spec.verify(s) if self.spec is not None else None
+                new = new or [s.job.sampler.sample(self.ctx, idx)]
             except (Alpaca2Error, ValueError, RuntimeError) as e:     # this job's sampler (a grammar dead end)
                 events.append((s.job, ("error", 500, f"sampling failed: {e}")))
                 s.job.t_end = time.monotonic()
                 self._release(s)
                 continue
-            n_new += self._take(s, tok, out, events)
+            for tok in new:
+                n_new += self._take(s, tok, out, events)
+                if s.job is None:          # ended (EOG, stop string, length): the rest is dropped
+                    break
         dt = time.perf_counter() - t0
         self.decode_steps_total += 1
         self.decode_seconds_total += dt
@@ -608,39 +605,6 @@ class Engine:
         self._recent.append((now, n_new))
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
-        self._post(events)
-
-    def _speculate(self, slot):
-        """One draft-and-verify round for the only slot: its pending token and the drafts are decoded
-        together; every accepted token is handled as a sampled one."""
-        job = slot.job
-        events = []
-        t0 = time.perf_counter()
-        try:
-            if not job.spec_started:
-                self.spec.begin(slot.tokens + [slot.pending], job.sampler, job.draft_sampler)
-                job.spec_started = True
-            new = self.spec.step(max(1, job.max_tokens - job.completion_tokens))
-        except (Alpaca2Error, ValueError, RuntimeError) as e:
-            events.append((job, ("error", 500, f"speculative decoding failed: {e}")))
-            self._forget(slot)
-            self._release(slot)
-            self._post(events)
-            return
-        slot.tokens += [slot.pending] + list(new[:-1])      # the cache holds all but the last new token
-        slot.pending = None
-        n_new = 0
-        for tok in new:
-            n_new += self._take(slot, tok, -1, events)
-            if slot.job is None:             # ended (EOG, stop string, length): the rest is dropped
-                break
-        self.spec_steps_total += 1
-        self.spec_tokens_total += len(new)
-        self.decode_steps_total += 1
-        self.decode_seconds_total += time.perf_counter() - t0
-        self.busy_slot_steps += 1
-        now = time.monotonic()
-        self._recent.append((now, n_new))
         self._post(events)
 
     def _take(self, slot, tok, out, events) -> int:

@@ -248,7 +248,6 @@ class Generation:
             job.index, job.seed = i, seed
             if self.engine.speculative and not n_probs and not constrained and not body.get("mirostat"):
                 job.speculate = True
-                job.draft_sampler = self._draft_sampler(body, seed)
             job.n_room = self.engine.n_ctx_slot - len(tokens)      # the answer ends at the slot's end
             jobs.append(job)
         if n > 1:
@@ -256,21 +255,6 @@ class Generation:
             for job in jobs[1:]:
                 job.events = shared
         return jobs
-
-    def _draft_sampler(self, body, seed):
-        """The draft model's chain for a sampling request (None: greedy, or n-gram lookup): the
-        request's temperature and truncation, no penalties (they would see rejected drafts)."""
-        if self.engine.draft_model is None:
-            return None
-        p = {k: self.sampling[k] for k in ("temp", "top_k", "top_p", "min_p")}
-        for key, name in (("temperature", "temp"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p")):
-            if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
-                p[name] = body[key]
-        if p["temp"] <= 0:
-            return None
-        if p["top_p"] == 0:
-            p["top_p"] = 1e-9
-        return Sampler(model=self.engine.draft_model, repeat_penalty=1.0, seed=seed, **p)
 
     def _busy_error(self):
         return APIError(503, f"all {self.engine.parallel} slots are busy and {self.engine.queue_size} requests are "

@@ -118,7 +118,7 @@ class LlamaRoutes:
         out = []
         for s in self.engine.slots:
             job = s.job
-            d = {"id": s.seq_id, "n_ctx": self.engine.n_ctx_slot, "speculative": False,
+            d = {"id": s.seq_id, "n_ctx": self.engine.n_ctx_slot, "speculative": self.engine.spec is not None,
                  "is_processing": job is not None}
             if job is not None:
                 d.update({"n_prompt_tokens": len(job.tokens), "n_prompt_tokens_cache": job.cached_tokens,
@@ -352,7 +352,7 @@ class LlamaRoutes:
             dt = seconds - last[i + 1]
             return round((tokens - last[i]) / dt, 3) if dt > 0 else 0
         steps = max(e.decode_steps_total, 1)
-        spec = e.spec.stats if e.spec is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
+        spec = e.spec_stats
         for name, kind, help, value in (
                 ("prompt_tokens_total", "counter", "Number of prompt tokens processed.",   # embeddings' too
                  e.prompt_tokens_total - e.prompt_tokens_cached_total + e.embedding_tokens_total),

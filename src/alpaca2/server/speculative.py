@@ -1,0 +1,284 @@
+"""Speculative decoding in the server's decode step: every generating slot's drafts are verified in
+the step's one batch, next to the other slots' tokens and prompt chunks.
+
+Drafts come from (in the order given; the first that drafts anything wins):
+
+- ``ngram-simple`` (llama-server's ``--spec-type ngram-simple``): the last ``size_n`` tokens (the
+  one just sampled included) are looked up in the slot's earlier tokens; the ``size_m`` tokens
+  that followed their latest occurrence are the draft (none when fewer than ``size_n`` follow).
+- ``lookup`` (alpaca2's ``--lookup``, prompt-lookup decoding): the longest of the last 4 .. 1
+  tokens found earlier, then as many of the tokens that followed it as the slot's draft length
+  allows; that length adapts (+2 after a step that kept every draft, -1 after one that kept fewer
+  than half) between ``--draft-min`` and ``--draft-max``.
+- ``draft-simple`` (``-md``): a smaller model with the same vocabulary drafts greedily, up to
+  ``--draft-max`` tokens, stopping at a token less likely than ``--draft-p-min``; it keeps one
+  sequence per slot in a context of its own.
+
+Verification is llama-server's: after the decode, the slot's own sampler samples at its pending
+token's output, then at each draft's output for as long as what it samples is the draft.  The
+drafts are point masses, so this is exact for any sampler: a draft is kept with the probability the
+sampler gives it, and at the first mismatch the sampled token is a draw from the sampler's
+distribution without the draft.  With greedy sampling the text is the one plain decoding gives.
+The rejected drafts' positions are then dropped from the slot's KV-cache sequence.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from alpaca2._core import Context, check_draft_compatible
+from alpaca2.errors import Alpaca2Error
+
+SPEC_TYPES = ("none", "draft-simple", "ngram-simple")
+UNSUPPORTED_SPEC_TYPES = ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-map-k",
+                          "ngram-map-k4v", "ngram-mod", "ngram-cache")
+LOOKUP_NGRAM_MAX = 4            # --lookup: the longest n-gram looked up
+
+
+def synth_probs(rates, length, n_max) -> list:
+    """llama-server's --spec-synth-rates / --spec-synth-len (benchmarking): the chance that draft i is
+    kept once drafts 0 .. i-1 were (common_speculative_synth_rates_resolve, then rate[i] / rate[i-1])."""
+    if rates is None and length is None:
+        return []
+    if rates is not None and length is not None:
+        raise ValueError("--spec-synth-len and --spec-synth-rates are mutually exclusive")
+    if rates is not None:
+        if len(rates) != n_max:
+            raise ValueError(f"--spec-synth-rates must hold {n_max} values (the most drafted tokens), got {len(rates)}")
+        if any(not 0.0 <= r <= 1.0 for r in rates) or any(b > a for a, b in zip(rates, rates[1:])):
+            raise ValueError("--spec-synth-rates must be within [0, 1] and never increase")
+    else:
+        if not 1.0 <= length <= n_max + 1:
+            raise ValueError(f"--spec-synth-len must be within [1, {n_max + 1}]")
+        p = 1.0 if length == n_max + 1 else 0.0
+        if 1.0 < length < n_max + 1:         # p + p^2 + ... + p^n_max = length - 1, by bisection
+            lo, hi = 0.0, 1.0
+            for _ in range(32):
+                p = 0.5 * (lo + hi)
+                lo, hi = (p, hi) if sum(p ** (j + 1) for j in range(n_max)) < length - 1.0 else (lo, p)
+            p = 0.5 * (lo + hi)
+        rates = [p ** (i + 1) for i in range(n_max)]
+    out, prev = [], 1.0
+    for r in rates:
+        out.append(r / prev if prev > 0 else 0.0)
+        prev = r
+    return out
+
+
+def _last_match(arr, pattern, lo, end) -> int:
+    """The largest s in [lo, end) with arr[s:s + len(pattern)] == pattern, else -1."""
+    if end <= lo:
+        return -1
+    hit = arr[lo:end] == pattern[0]
+    for k in range(1, len(pattern)):
+        hit &= arr[lo + k:end + k] == pattern[k]
+    found = np.flatnonzero(hit)
+    return lo + int(found[-1]) if found.size else -1
+
+
+def ngram_simple_draft(hist, size_n, size_m) -> list:
+    """llama-server's ngram-simple draft (common_ngram_simple_draft); hist ends with the token
+    just sampled (the cache holds the others)."""
+    cur_len = len(hist) - 1
+    if cur_len <= size_n + size_m + 1:
+        return []
+    arr = np.asarray(hist, dtype=np.int64)
+    # as llama.cpp: positions 1 .. cur_len - size_n - 1, the latest first
+    s = _last_match(arr, arr[-size_n:], 1, cur_len - size_n)
+    if s < 0:
+        return []
+    count = min(size_m, cur_len - (s + size_n))
+    if count < size_n:
+        return []
+    return hist[s + size_n:s + size_n + count]
+
+
+def lookup_draft(hist, n_max) -> list:
+    """Prompt lookup: after the latest earlier occurrence of the longest n-gram (4 .. 1 tokens) that
+    ends hist, up to n_max tokens."""
+    L = len(hist)
+    if n_max <= 0 or L < 2:
+        return []
+    arr = np.asarray(hist, dtype=np.int64)
+    for n in range(min(LOOKUP_NGRAM_MAX, L - 1), 0, -1):
+        s = _last_match(arr, arr[L - n:], 0, L - n)
+        if s >= 0:
+            return hist[s + n:s + n + min(n_max, L - s - n)]
+    return []
+
+
+class DraftModel:
+    """draft-simple: a second model drafts greedily, one KV-cache sequence per slot."""
+
+    def __init__(self, target: Context, model, *, parallel, p_min, **ctx_args):
+        check_draft_compatible(target.model, model)
+        self.ctx = Context(model, **dict(ctx_args, n_ctx=target.n_ctx, n_seq_max=parallel, kv_unified=True))
+        self.p_min = p_min
+        self.held = [[] for _ in range(parallel)]      # what each sequence of the draft's cache holds
+
+    def draft(self, seq_id, hist, n_max, logit_bias=None) -> list:
+        """Up to n_max greedy tokens after hist (the request's logit_bias applied, as its sampler does)."""
+        held = self.held[seq_id]
+        common = 0
+        for a, b in zip(held, hist[:-1]):       # the pending token (hist[-1]) is always decoded again
+            if a != b:
+                break
+            common += 1
+        self.ctx.seq_rm(seq_id, common, -1)
+        self.held[seq_id] = held = hist[:common]
+        out = []
+        todo = hist[common:]
+        while len(out) < n_max:
+            self.ctx.decode(todo, seq_id=seq_id)
+            held += todo
+            logits = self.ctx.logits
+            if logit_bias:
+                ids = [t for t in logit_bias if t < logits.size]
+                logits[ids] += np.array([logit_bias[t] for t in ids], dtype=np.float32)
+            d = int(logits.argmax())
+            if self.p_min > 0:
+                z = np.exp(logits - logits[d], dtype=np.float64)
+                if 1.0 / z.sum() < self.p_min:
+                    break
+            out.append(d)
+            todo = [d]
+        return out
+
+    def forget(self, seq_id):
+        self.held[seq_id] = []
+        self.ctx.seq_rm(seq_id, 0, -1)
+
+    def close(self):
+        self.ctx.close()
+
+
+class SlotSpeculation:
+    """Drafts for the generating slots of one step, and their verification after its decode."""
+
+    def __init__(self, ctx: Context, *, types=("ngram-simple",), lookup=False, draft_model=None, parallel=1,
+                 n_draft=16, n_draft_min=1, p_min=0.0, size_n=12, size_m=48, synth_len=None, synth_rates=None,
+                 stats=None, **draft_ctx_args):
+        self.ctx = ctx
+        self.types = [t for t in types if t != "none"]
+        if lookup:
+            self.types.append("lookup")
+        self.n_draft, self.n_draft_min = n_draft, max(1, min(n_draft_min, n_draft))
+        self.size_n, self.size_m = size_n, size_m
+        n_max = max(size_m if t == "ngram-simple" else n_draft for t in self.types)
+        self.synth = synth_probs(synth_rates, synth_len, n_max)
+        self._check_partial_removal()
+        self.drafter = None
+        if "draft-simple" in self.types:
+            self.drafter = DraftModel(ctx, draft_model, parallel=parallel, p_min=p_min, **draft_ctx_args)
+        self.n_cur = [n_draft] * parallel      # --lookup's adaptive draft length, per slot
+        self.step_drafts = {}                  # seq_id -> (the pending token's batch index, drafts, their indices)
+        self.stats = stats if stats is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
+
+    def _check_partial_removal(self):
+        """llama-server's check: a cache that cannot drop its last positions (a recurrent model's)
+        cannot take back rejected drafts."""
+        ctx = self.ctx
+        ctx.decode([0, 0], seq_id=0)
+        try:
+            ctx.seq_rm(0, 1, -1)
+        except ValueError:
+            raise ValueError("speculative decoding needs a KV cache that can drop its last tokens; "
+                             "this model's (recurrent) cannot: start without -md/--lookup/--spec-type") from None
+        finally:
+            ctx.seq_rm(0, 0, -1)
+
+    def _draft(self, slot, n_max) -> list:
+        hist = slot.tokens            # the cache's tokens and, last, the pending one
+        for t in self.types:
+            if t == "ngram-simple":
+                d = ngram_simple_draft(hist, self.size_n, self.size_m)
+            elif t == "lookup":
+                d = lookup_draft(hist, min(n_max, self.n_cur[slot.seq_id]))
+            else:
+                bias = getattr(slot.job.sampler, "params", {}).get("logit_bias")
+                d = self.drafter.draft(slot.seq_id, hist, min(n_max, self.n_draft), bias)
+                d = d if len(d) >= self.n_draft_min else []       # as llama-server: too short, not worth it
+            if d:
+                return d[:n_max]
+        return []
+
+    def add_drafts(self, batch, generating, room, n_ctx_slot):
+        """Add each generating slot's drafts after everything else in batch (the outputs before them
+        keep their indices); generating: (slot, batch index of its pending token)."""
+        self.step_drafts = {}
+        for slot, idx in generating:
+            job = slot.job
+            if not job.speculate or room <= 0:
+                continue
+            # the cache keeps a free position, and a draft never outruns the answer's length
+            n_max = min(room, n_ctx_slot - len(slot.tokens) - 1, job.max_tokens - job.completion_tokens - 1)
+            try:
+                drafts = self._draft(slot, n_max) if n_max > 0 else []
+            except (Alpaca2Error, ValueError):      # the draft model's context is full, say: no drafts
+                drafts = []
+                if self.drafter is not None:
+                    self.drafter.forget(slot.seq_id)
+            if not drafts:
+                continue
+            pos = len(slot.tokens)
+            idxs = [batch.add(t, pos + i, slot.seq_id, True) for i, t in enumerate(drafts)]
+            self.step_drafts[slot.seq_id] = (idx, drafts, idxs)
+            room -= len(drafts)
+
+    def verify(self, slot):
+        """The slot's new tokens after the decode (its sampler's, drafts kept while they match), with
+        the cache trimmed to the kept ones; None when the slot had no drafts this step."""
+        entry = self.step_drafts.pop(slot.seq_id, None)
+        if entry is None:
+            return None
+        idx, drafts, idxs = entry
+        job = slot.job
+        sampler = job.sampler
+        new = []
+        try:
+            if self.synth:
+                self._verify_synth(job, [idx] + idxs, drafts, new)
+            else:
+                new.append(sampler.sample(self.ctx, idx))
+                for d, i in zip(drafts, idxs):
+                    if new[-1] != d:
+                        break
+                    new.append(sampler.sample(self.ctx, i))
+        finally:              # kept drafts enter the slot's tokens; the others leave the cache
+            slot.tokens += drafts[:max(len(new) - 1, 0)]
+            self.ctx.seq_rm(slot.seq_id, len(slot.tokens), -1)
+        n_ok = len(new) - 1
+        st = self.stats
+        st["n_drafted"] += len(drafts)
+        st["n_accepted"] += n_ok
+        st["n_steps"] += 1
+        job.n_drafted += len(drafts)
+        job.n_draft_accepted += n_ok
+        n = self.n_cur[slot.seq_id]
+        if n_ok == len(drafts):
+            self.n_cur[slot.seq_id] = min(self.n_draft, n + 2)
+        elif 2 * n_ok < len(drafts):
+            self.n_cur[slot.seq_id] = max(self.n_draft_min, n - 1)
+        return new
+
+    def _verify_synth(self, job, idxs, drafts, new):
+        """llama-server's synthetic acceptance (benchmarking): draft i is kept with probability
+        synth[i] whatever the model samples (an end-of-generation draft never is), by a generator
+        seeded with the request's seed.  (The sampler has seen its own token, not the kept draft:
+        exact for chains without penalties, which is what this is for.)"""
+        if getattr(job, "synth_rng", None) is None:
+            job.synth_rng = random.Random(job.seed)
+        for i, d in enumerate(drafts):
+            tok = job.sampler.sample(self.ctx, idxs[i])
+            if job.synth_rng.random() < self.synth[i] and not self.ctx.model.token_is_eog(d):
+                new.append(d)
+                continue
+            new.append(tok)
+            return
+        new.append(job.sampler.sample(self.ctx, idxs[len(drafts)]))
+
+    def close(self):
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None

@@ -1,0 +1,163 @@
+"""Speculative decoding in the server (alpaca2.server.speculative): the drafters against plain-loop
+oracles, and greedy answers token for token the plain server's, with one slot and with three
+slots decoding at once (their drafts verified in one batch)."""
+import concurrent.futures
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from alpaca2.server.speculative import lookup_draft, ngram_simple_draft, synth_probs  # noqa: E402
+from server_process import NO_EOS, ServerProcess  # noqa: E402
+
+PROMPTS = ["一二三四五六七八九十一二三四五六七八九十", "hello hello hello hello hello",
+           "床前明月光，疑是地上霜。", "the cat sat on the mat, the cat sat on the mat, the cat"]
+# four tokens raised far above the rest: the answers run in loops over them, as a copy would, so
+# n-gram lookup finds drafts (the random tiny model's own text seldom repeats itself)
+LOOPS = {**NO_EOS, **{str(t): 30 for t in (100, 101, 102, 103)}}
+BODY = {"n_predict": 48, "temperature": 0, "logit_bias": LOOPS, "return_tokens": True}
+
+
+# -- the drafters ----------------------------------------------------------------------------------
+
+def ngram_simple_oracle(tokens, sampled, n, m):
+    """llama.cpp's common_ngram_simple_draft (common/ngram-map.cpp), loop for loop."""
+    cur_len = len(tokens)
+    if cur_len <= n + m + 1:
+        return []
+    pattern = tokens[cur_len - n + 1:] + [sampled]
+    match_pos = 0
+    for j in range(cur_len - n - 1, 0, -1):
+        if all(tokens[j + k] == pattern[k] for k in range(len(pattern))):
+            match_pos = j
+            break
+    if match_pos == 0:
+        return []
+    copy_max = min(m, cur_len - (match_pos + n))
+    if copy_max < n:
+        return []
+    return tokens[match_pos + n:match_pos + n + copy_max]
+
+
+def lookup_oracle(hist, n_max):
+    """The longest of the last 4 .. 1 tokens, its latest earlier start, then up to n_max tokens."""
+    L = len(hist)
+    for n in range(min(4, L - 1), 0, -1):
+        for s in range(L - n - 1, -1, -1):
+            if hist[s:s + n] == hist[L - n:]:
+                return hist[s + n:s + n + min(n_max, L - s - n)]
+    return []
+
+
+def test_drafters_match_the_plain_loops():
+    rng = random.Random(0)
+    n_drafts = 0
+    for _ in range(3000):
+        vocab = rng.choice([2, 3, 5, 20])
+        hist = [rng.randrange(vocab) for _ in range(rng.randrange(1, 60))]
+        if rng.random() < 0.5 and len(hist) > 8:          # a copied stretch, as in a rewrite
+            a = rng.randrange(len(hist) - 4)
+            hist += hist[a:a + rng.randrange(4, 20)]
+        n, m = rng.choice([(1, 1), (2, 3), (3, 8), (4, 4), (12, 48)])
+        got = ngram_simple_draft(hist, n, m)
+        assert got == ngram_simple_oracle(hist[:-1], hist[-1], n, m), (hist, n, m)
+        n_drafts += bool(got)
+        k = rng.randrange(0, 10)
+        assert lookup_draft(hist, k) == lookup_oracle(hist, k) if k else lookup_draft(hist, k) == []
+    assert n_drafts > 100
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plain_answers(tiny_path):
+    plain = ServerProcess(tiny_path, "-np", "1", "-c", "1024")
+    try:
+        return [post(plain, dict(BODY, prompt=p))["tokens"] for p in PROMPTS]
+    finally:
+        plain.stop()
+
+
+def post(server, body):
+    r = httpx.post(server.url + "/completion", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def metric(text, name):
+    return float(re.search(rf"^llamacpp:{name} (\S+)", text, re.M).group(1))
+
+
+FLAGS = {"ngram-simple": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "2",
+                          "--spec-ngram-simple-size-m", "6"],
+         "lookup": ["--lookup", "--draft-max", "8"],
+         "other-draft": ["-md", "OTHER", "--draft-p-min", "0", "--draft-max", "4"],
+         "self-draft": ["-md", "SELF", "--draft-p-min", "0", "--draft-max", "6"]}
+
+
+@pytest.mark.parametrize("np_", [1, 3])
+@pytest.mark.parametrize("mode", list(FLAGS))
+def test_greedy_answers_equal_plain_ones(tiny_path, other_path, plain_answers, mode, np_):
+    """Greedy: the same tokens as plain decoding, whatever the drafts; with -np 3 the prompts run
+    at once, so one batch verifies several slots' drafts."""
+    if np_ == 1 and mode in ("other-draft",):
+        pytest.skip("one draft model with one slot is covered by self-draft")
+    flags = [{"OTHER": str(other_path), "SELF": str(tiny_path)}.get(f, f) for f in FLAGS[mode]]
+    spec = ServerProcess(tiny_path, "-np", str(np_), "-c", str(1024 * np_), "--metrics", "--slots", *flags)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(np_) as pool:
+            answers = list(pool.map(lambda p: post(spec, dict(BODY, prompt=p)), PROMPTS))
+        metrics = httpx.get(spec.url + "/metrics", timeout=30).text
+        slots = httpx.get(spec.url + "/slots", timeout=30).json()
+        with concurrent.futures.ThreadPoolExecutor(np_) as pool:      # sampling: runs, full length
+            sampled = list(pool.map(lambda i: post(spec, dict(BODY, prompt=PROMPTS[i], temperature=0.9, seed=i)),
+                                    range(np_)))
+    finally:
+        spec.stop()
+    assert [a["tokens"] for a in answers] == plain_answers
+    drafted, accepted = metric(metrics, "spec_decode_num_draft_tokens_total"), \
+        metric(metrics, "spec_decode_num_accepted_tokens_total")
+    steps = metric(metrics, "spec_decode_num_drafts_total")
+    assert 0 <= accepted <= drafted and 0 < drafted and 0 < steps
+    assert sum(a["timings"].get("draft_n", 0) for a in answers) == drafted
+    assert sum(a["timings"].get("draft_n_accepted", 0) for a in answers) == accepted
+    if mode == "self-draft":                 # its own drafts: all kept, several tokens per step
+        assert accepted == drafted and steps < len(PROMPTS) * 47 / 3
+    elif mode == "other-draft":              # (the draft does not see the request's logit_bias)
+        assert accepted < drafted
+    else:
+        assert 0 < accepted < drafted
+    assert all(s["speculative"] for s in slots) and len(slots) == np_
+    assert all(s["tokens_predicted"] == 48 for s in sampled)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--spec-type", "ngram-mod"], "not supported by alpaca2 serve"),
+    (["--spec-type", "ngram-what"], "unknown type"),
+    (["--spec-type", "draft-simple"], "needs a draft model"),
+])
+def test_bad_spec_types_are_usage_errors(tiny_path, args, words):
+    r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", str(tiny_path), "--port", "0", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_synthetic_acceptance_rates():
+    """--spec-synth-len L: rates p, p^2 ... whose sum is L - 1 (the mean kept drafts); the chances
+    per draft are the rates' ratios, as llama-server's."""
+    probs = synth_probs(None, 3.0, 8)
+    rates = [probs[0]]
+    for q in probs[1:]:
+        rates.append(rates[-1] * q)
+    assert sum(rates) == pytest.approx(2.0, abs=1e-6) and all(q == pytest.approx(probs[0]) for q in probs)
+    assert synth_probs([1.0, 0.5, 0.25], None, 3) == [1.0, 0.5, 0.5]
+    assert synth_probs(None, 4.0, 3) == [1.0, 1.0, 1.0] and synth_probs(None, 1.0, 3) == [0.0, 0.0, 0.0]
+    for rates, length in (([0.5, 0.6, 0.1], None), ([1.0], None), (None, 9.0), ([1.0, 1.0, 1.0], 2.0)):
+        with pytest.raises(ValueError):
+            synth_probs(rates, length, 3)

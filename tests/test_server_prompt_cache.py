@@ -285,3 +285,27 @@ def test_sleep_gives_the_cache_back(model):
         assert off.prompt_cache is None
     finally:
         off.stop()
+
+
+def test_common_prefix_equals_a_token_by_token_scan():
+    """common_prefix compares 256-token slices first; it must give what a plain scan gives,
+    whatever the lengths and wherever (if anywhere) the first difference is."""
+    import random
+    from alpaca2.server.prompt_cache import common_prefix
+
+    def scan(a, b):
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    rng = random.Random(1)
+    for _ in range(3000):
+        la, lb = rng.randint(0, 700), rng.randint(0, 700)
+        base = [rng.randint(0, 3) for _ in range(max(la, lb))]
+        a, b = base[:la], base[:lb]
+        if b and rng.random() < 0.7:
+            b[rng.randrange(len(b))] = 9
+        assert common_prefix(a, b) == scan(a, b)

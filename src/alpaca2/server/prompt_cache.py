@@ -35,12 +35,18 @@ KEEP_LOAD_MIN = 0.25            # a cached prompt keeping less than this share o
 
 
 def common_prefix(a, b) -> int:
-    """How many leading tokens a and b share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
+    """How many leading tokens a and b share.  Runs on the decode thread for every request start
+    (slot choice, each cached state), so whole 256-token slices are compared first (in C) and only
+    the slice with the first difference token by token."""
+    n = min(len(a), len(b))
+    lo = 0
+    while lo < n:
+        hi = min(lo + 256, n)
+        if a[lo:hi] != b[lo:hi]:
+            for i in range(lo, hi):
+                if a[i] != b[i]:
+                    return i
+        lo = hi
     return n
 
 

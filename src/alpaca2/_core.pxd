@@ -78,6 +78,13 @@ cdef class Sampler(SamplerChain):
     cdef llama_sampler * grmr     # the grammar, kept apart from the chain (common_sampler's grmr)
     cdef llama_token_data * _cur  # candidates buffer for sampling with the grammar
     cdef size_t _cur_cap
+    cdef int _fast_k              # > 0: the chain may run over its top-k candidates only (_fastpick.h) ...
+    cdef int _fast_m              # ... which m more tokens than k + 1 cover (penalty window, biased tokens)
+    cdef int _n_pre               # the stages before top_k (logit_bias, penalties)
+    cdef llama_token * _extra     # the biased tokens, which may rise from anywhere
+    cdef int _n_extra
+    cdef readonly unsigned long long _fast_picks   # how many picks took that path (tests)
 
     cdef llama_token_data * _candidates(self, int n) except NULL
+    cdef llama_token _fast_pick(self, const float * logits, int n) except -3
     cdef llama_token _sample_grammar(self, const float * logits, int n) except? -1

@@ -181,6 +181,7 @@ class SamplerChain:
 
 class Sampler(SamplerChain):
     params: dict[str, Any]
+    _fast_picks: int      # picks made over the top-k candidates only (_fastpick.h), for tests
     def __init__(self, *, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  typical_p: float = 1.0, repeat_penalty: float = 1.0, penalty_last_n: int = 64,
                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, mirostat: int = 0,

@@ -59,6 +59,12 @@ cdef extern from "llama.h" nogil:
     llama_sampler * sampler_init_grammar_cpp "llama_sampler_init_grammar"(
         const llama_vocab * vocab, const char * grammar_str, const char * grammar_root) except +
 
+# picks without copying the whole vocabulary: greedy's first maximum, a top-k chain over its candidates
+cdef extern from "_fastpick.h" nogil:
+    llama_token alpaca2_first_max(const float * lg, int n)
+    llama_token alpaca2_sample_topk(llama_sampler * chain, int n_pre, int k, int m, const float * lg, int n,
+                                    const llama_token * extra, int n_extra, llama_token_data * buf) except +
+
 cdef extern from "_sigint.h" nogil:
     int alpaca2_sigint_install()
     void alpaca2_sigint_restore()

@@ -7,50 +7,13 @@ _SELECTING = ("greedy", "dist", "mirostat", "mirostat_v2")
 MAX_PENALTY_LAST_N = 1 << 16
 
 
-cdef inline llama_token _first_max(const float * lg, int n) noexcept nogil:
-    """llama.cpp's greedy pick over raw logits: the first index whose logit no later one beats
-    (a NaN never beats and is never beaten, so a NaN first logit is kept, as there).
-
-    One pass of block maxima (8 running maxima a block, which the compiler can keep in vector
-    registers), then the first index of the largest in the first block that reached it."""
-    cdef int i, k, s, e, blk = 0
-    cdef float best, x
-    cdef float acc[8]
-    if n <= 1 or lg[0] != lg[0]:
-        return 0
-    best = lg[0]
-    for s in range(0, n, 512):
-        e = min(s + 512, n)
-        for k in range(8):
-            acc[k] = best
-        i = s
-        while i + 8 <= e:
-            for k in range(8):
-                x = lg[i + k]
-                if x > acc[k]:
-                    acc[k] = x
-            i += 8
-        while i < e:
-            if lg[i] > acc[0]:
-                acc[0] = lg[i]
-            i += 1
-        for k in range(8):
-            if acc[k] > best:
-                best = acc[k]
-                blk = s
-    for i in range(blk, min(blk + 512, n)):
-        if lg[i] == best:
-            return i
-    return blk
-
-
 def _greedy_pick(logits):
     """The greedy fast path's pick over a 1-d float32 array (for tests: it must equal llama.cpp's
     greedy sampler, SamplerChain().add("greedy").sample_logits(logits), on any input)."""
     cdef float[::1] lv = np.ascontiguousarray(logits, dtype=np.float32)
     if lv.shape[0] == 0 or lv.shape[0] > 0x7fffffff:
         raise ValueError("1 to 2**31-1 logits")
-    return _first_max(&lv[0], <int>lv.shape[0])
+    return alpaca2_first_max(&lv[0], <int>lv.shape[0])
 
 
 @cython.no_gc_clear          # a grammar stage points into self._models' vocabularies
@@ -161,7 +124,7 @@ cdef class SamplerChain:
                     # candidates (3 MB on a 262k vocabulary) for one pass; the same pass on the
                     # logits picks the same token (the first largest), then the chain accepts it
                     with nogil:
-                        tok = _first_max(lg, ctx._n_vocab)
+                        tok = alpaca2_first_max(lg, ctx._n_vocab)
                         llama_sampler_accept(self.ptr, tok)
                     if isnan(lg[tok]):
                         raise SamplerError("the logits are NaN (NaN weights or parameters?): no token can be sampled")
@@ -462,6 +425,9 @@ cdef class Sampler(SamplerChain):
         self.grmr = NULL
         self._cur = NULL
         self._cur_cap = 0
+        self._fast_k = 0
+        self._extra = NULL
+        self._n_extra = 0
 
     def __dealloc__(self):
         if self.grmr != NULL:
@@ -469,6 +435,8 @@ cdef class Sampler(SamplerChain):
             self.grmr = NULL
         free(self._cur)
         self._cur = NULL
+        free(self._extra)
+        self._extra = NULL
 
     def __init__(self, *, double temp=0.8, int top_k=40, double top_p=0.95, double min_p=0.05,
                  double typical_p=1.0, double repeat_penalty=1.0, int penalty_last_n=64,
@@ -556,6 +524,32 @@ cdef class Sampler(SamplerChain):
             self.add("temp", p["temp"])
             self.add("dist", seed=p["seed"])
         self._model = model               # the model-bound stages registered the chain with it (add)
+        self._plan_fast(p)
+
+    def _plan_fast(self, dict p):
+        """Whether sample() may run the chain over the top-k candidates only (_fastpick.h): a top_k
+        stage, and before it only stages that lower logits or touch listed tokens."""
+        cdef int i
+        self._fast_k = 0
+        free(self._extra)
+        self._extra = NULL
+        self._n_extra = 0
+        penalties = "penalties" in self._names
+        bias = list(p["logit_bias"] or ())
+        m = (p["penalty_last_n"] if penalties else 0) + len(bias)
+        if ("top_k" not in self._names or p["repeat_penalty"] < 1.0 or p["frequency_penalty"] < 0.0
+                or p["presence_penalty"] < 0.0 or p["top_k"] + m > 4096):
+            return
+        if bias:
+            self._extra = <llama_token *>malloc(len(bias) * sizeof(llama_token))
+            if self._extra == NULL:
+                raise MemoryError()
+            for i in range(len(bias)):
+                self._extra[i] = bias[i]
+            self._n_extra = len(bias)
+        self._n_pre = self._names.index("top_k")
+        self._fast_m = m
+        self._fast_k = p["top_k"]
 
     @property
     def names(self):
@@ -593,9 +587,27 @@ cdef class Sampler(SamplerChain):
             self._cur_cap = n
         return self._cur
 
+    cdef llama_token _fast_pick(self, const float * logits, int n) except -3:
+        """The chain's pick over its top-k candidates, not accepted; -1: sample the plain way."""
+        cdef llama_token tok
+        cdef llama_token_data * buf
+        if self._fast_k <= 0:
+            return -1
+        buf = self._candidates(self._fast_k + self._fast_m + 2 + self._n_extra)
+        try:
+            with nogil:
+                tok = alpaca2_sample_topk(self.ptr, self._n_pre, self._fast_k, self._fast_m, logits, n,
+                                          self._extra, self._n_extra, buf)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise _sampler_error(e) from None
+        if tok == -2:
+            raise SamplerError("the chain selected no token")
+        self._fast_picks += tok >= 0
+        return tok
+
     cdef llama_token _sample_grammar(self, const float * logits, int n) except? -1:
         """common_sampler_sample with a grammar, then common_sampler_accept(token, is_generated)."""
-        cdef llama_token_data * cur = self._candidates(n)
+        cdef llama_token_data * cur
         cdef llama_token_data_array arr
         cdef llama_token_data single
         cdef llama_token_data_array one
@@ -603,19 +615,22 @@ cdef class Sampler(SamplerChain):
         cdef int i
         cdef bint rejected
         try:
-            with nogil:
-                for i in range(n):
-                    cur[i].id = i
-                    cur[i].logit = logits[i]
-                    cur[i].p = 0
-                arr.data = cur
-                arr.size = n
-                arr.selected = -1
-                arr.sorted = False
-                sampler_apply_cpp(self.ptr, &arr)              # the chain picks ...
-            if arr.selected < 0 or <size_t>arr.selected >= arr.size:
-                raise ValueError("the chain selected no token")
-            tok = arr.data[arr.selected].id
+            tok = self._fast_pick(logits, n)                   # the chain picks ...
+            if tok < 0:
+                cur = self._candidates(n)
+                with nogil:
+                    for i in range(n):
+                        cur[i].id = i
+                        cur[i].logit = logits[i]
+                        cur[i].p = 0
+                    arr.data = cur
+                    arr.size = n
+                    arr.selected = -1
+                    arr.sorted = False
+                    sampler_apply_cpp(self.ptr, &arr)
+                if arr.selected < 0 or <size_t>arr.selected >= arr.size:
+                    raise ValueError("the chain selected no token")
+                tok = arr.data[arr.selected].id
             single.id = tok
             single.logit = 1.0
             single.p = 0
@@ -627,6 +642,7 @@ cdef class Sampler(SamplerChain):
                 sampler_apply_cpp(self.grmr, &one)             # ... the grammar checks ...
             rejected = isinf(single.logit) and single.logit < 0
             if rejected:
+                cur = self._candidates(n)
                 with nogil:                                    # ... or goes first, on fresh logits
                     for i in range(n):
                         cur[i].id = i
@@ -658,7 +674,7 @@ cdef class Sampler(SamplerChain):
             self._check()
             if llama_sampler_chain_n(self.ptr) == 0:
                 self._build(ctx.model)
-            if self.grmr == NULL:
+            if self.grmr == NULL and self._fast_k == 0:
                 return SamplerChain.sample(self, ctx, idx)
             with ctx._lock:
                 ctx._check()
@@ -668,7 +684,15 @@ cdef class Sampler(SamplerChain):
                 logits = llama_get_logits_ith(ctx.ptr, c_idx)
                 if logits == NULL:
                     raise SamplerError(f"there are no logits at output {idx} to sample from: decode first")
-                tok = self._sample_grammar(logits, ctx._n_vocab)
+                if self.grmr != NULL:
+                    tok = self._sample_grammar(logits, ctx._n_vocab)
+                else:
+                    tok = -1
+                    if llama_get_sampled_token_ith(ctx.ptr, c_idx) == -1:
+                        tok = self._fast_pick(logits, ctx._n_vocab)
+                    if tok < 0:
+                        return SamplerChain.sample(self, ctx, idx)
+                    self._accept_picked(tok)
                 if isnan(logits[tok]):
                     raise SamplerError("the logits are NaN (NaN weights or parameters?): no token can be sampled")
         return tok
@@ -683,6 +707,14 @@ cdef class Sampler(SamplerChain):
             if llama_sampler_chain_n(self.ptr) == 0:
                 raise ValueError("this Sampler needs a model (grammar/logit_bias): pass model= when creating it")
             if self.grmr == NULL:
+                arr = np.ascontiguousarray(logits, dtype=np.float32)
+                if (self._fast_k > 0 and arr.ndim == 1 and 0 < arr.shape[0] <= 0x7fffffff
+                        and all(arr.shape[0] <= (<Model>m)._n_vocab for m in self._models)):
+                    lv = arr
+                    tok = self._fast_pick(&lv[0], <int>lv.shape[0])
+                    if tok >= 0:
+                        self._accept_picked(tok)
+                        return tok
                 return SamplerChain.sample_logits(self, logits)
             lv = np.ascontiguousarray(logits, dtype=np.float32)
             n_vocab = (<Model>self._model)._n_vocab
@@ -693,6 +725,13 @@ cdef class Sampler(SamplerChain):
             if isnan(lv[tok]):
                 raise SamplerError("the logits are NaN: no token can be sampled")
             return tok
+
+    def _accept_picked(self, llama_token tok):
+        try:
+            with nogil:
+                sampler_accept_cpp(self.ptr, tok)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise _sampler_error(e) from None
 
     def accept(self, token, bint grammar=True):
         """Add a generated token to the history (penalties and, with grammar=True, the grammar)."""

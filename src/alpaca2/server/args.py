@@ -22,7 +22,13 @@ PROG = "alpaca2 serve"
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage block) and exit code 2."""
 
+    env_sources = {}       # dest -> the LLAMA_ARG_* variable that gave it (env_args.py)
+
     def error(self, message):
+        for action in self._actions:         # a bad value from the environment: name the variable
+            if action.dest in self.env_sources and action.option_strings and message.startswith(
+                    f"argument {'/'.join(action.option_strings)}:"):
+                message += f" (from {self.env_sources[action.dest]})"
         print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
@@ -294,8 +300,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling defaults (a request's own fields win)")
     g.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=_int_in(-2, 1 << 30), default=-1,
                    help="max_tokens when a request gives none (default -1: up to the context)")
-    g.add_argument("--temp", "--temperature", dest="temp", type=_float_in(0, 100), default=LLAMA_CPP_SAMPLING["temp"],
-                   help=f"temperature (default {LLAMA_CPP_SAMPLING['temp']}; the defaults are llama-server's)")
+    g.add_argument("--temp", "--temperature", dest="temp", type=_float_in(-100, 100), default=LLAMA_CPP_SAMPLING["temp"],
+                   help=f"temperature (default {LLAMA_CPP_SAMPLING['temp']}; 0 or below: greedy; the defaults are llama-server's)")
     g.add_argument("--top-k", type=COUNT, default=LLAMA_CPP_SAMPLING["top_k"])
     g.add_argument("--top-p", type=_float_in(0, 1), default=LLAMA_CPP_SAMPLING["top_p"])
     g.add_argument("--min-p", type=_float_in(0, 1), default=LLAMA_CPP_SAMPLING["min_p"])
@@ -309,8 +315,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
-    """Parse the server's flags; a usage error exits with code 2 after one line on stderr."""
-    args = build_parser(prog).parse_args(argv)
+    """Parse the server's flags (and llama-server's LLAMA_ARG_* variables, which the command line
+    overrides); a usage error exits with code 2 after one line on stderr."""
+    from alpaca2.server.env_args import env_argv, warn_ignored
+    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        extra, parser.env_sources, ignored = env_argv(parser, argv)
+    except ValueError as e:
+        args_error(prog, str(e))
+    warn_ignored(prog, ignored)
+    args = parser.parse_args(extra + argv)
     if args.model is None and not args.demo:
         args_error(prog, "a model is required: -m FILE (or --demo)")
     if args.parallel == -1:

@@ -215,3 +215,56 @@ def test_a_bad_budget_flag_exits_2(think_path, value):
     p = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", str(think_path), "--port", "0",
                         "--reasoning-budget", value], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--reasoning-budget" in p.stderr
+
+
+# -- reasoning control (reasoning_control, POST /v1/chat/completions/control) ------------------
+
+def test_control_arms_an_unlimited_budget_that_force_ends():
+    sampler = Scripted([START, 2, 3, 4, 5, 6, 7, 8])
+    rb = ReasoningBudget(sampler, [START], [[END]], [MSG, END], -1)
+    assert not rb.force()                                     # idle: nothing to end
+    assert [rb.sample(None) for _ in range(4)] == [START, 2, 3, 4] and rb.state == COUNTING   # no limit
+    assert rb.force()
+    assert [rb.sample(None) for _ in range(3)] == [MSG, END, 5] and rb.state == DONE
+    assert not rb.force()
+
+
+def _control(server, **body):
+    return httpx.post(server.url + "/v1/chat/completions/control", json=body, timeout=60)
+
+
+def test_reasoning_end_stops_a_live_completion_thinking(server):
+    body = dict(messages=ASK, max_tokens=900, temperature=0, logit_bias=NO_EOS, stream=True, reasoning_control=True)
+    reasoning, content, answers = [], [], []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as s:
+        for line in s.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not chunk["choices"]:
+                continue
+            delta = chunk["choices"][0]["delta"]
+            reasoning.append(delta.get("reasoning_content") or "")
+            content.append(delta.get("content") or "")
+            if len([r for r in reasoning if r]) == 3 and not answers:     # thinking: end it now
+                answers.append(_control(server, id=chunk["id"], action="reasoning_end"))
+    assert answers[0].status_code == 200 and answers[0].json() == {"success": True}
+    assert "".join(reasoning).rstrip().endswith(MESSAGE)       # the budget's message, then </think>
+    assert "".join(content).strip()                            # and the answer went on after it
+    r = _control(server, id=chunk["id"], action="reasoning_end")                   # it has ended
+    assert r.json() == {"success": False, "message": "no active completion for this id"}
+
+
+def test_control_without_reasoning_control_or_bad_fields(server):
+    body = dict(messages=ASK, max_tokens=900, temperature=0, logit_bias=NO_EOS, stream=True)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                cmpl_id = json.loads(line[6:])["id"]
+                r = _control(server, id=cmpl_id, action="reasoning_end")
+                assert r.json() == {"success": False, "message": "reasoning control not enabled for this completion"}
+                break
+    assert _control(server, action="reasoning_end").status_code == 400
+    assert _control(server, id="chatcmpl-x", action="stop").status_code == 400
+    r = httpx.post(server.url + "/v1/chat/completions", json=dict(messages=ASK, reasoning_control="yes"), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_control"

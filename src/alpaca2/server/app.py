@@ -72,6 +72,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
         self.reasoning_format = reasoning_format
         self.reasoning_budget = reasoning_budget                  # thinking tokens (-1: no budget)
         self.reasoning_budget_message = reasoning_budget_message  # said before the forced end of thinking
+        self.live_completions = {}    # chat completion id -> its jobs, while it runs (reasoning control)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.verbose = verbose          # answers carry llama-server's __verbose (the prompt), as with its -v
         self.enable_thinking = bool(self.formatter is not None and self.formatter.supports_thinking)

@@ -52,6 +52,7 @@ class OpenAIRoutes:
         """Starlette routes: /v1/..., and /chat/completions and /models without /v1 (as llama-server)."""
         from starlette.routing import Route
         routes = [Route("/v1/completions", self.completions, methods=["POST"]),    # /completions: native
+                  Route("/v1/chat/completions/control", self.chat_control, methods=["POST"]),
                   Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                   Route("/embeddings", self.native_embeddings, methods=["POST"]),
                   Route("/embedding", self.native_embeddings, methods=["POST"])]

@@ -20,6 +20,11 @@ around the job's sampler:
   answers are the same).
 - DONE: passthrough; a new start tag re-arms the budget (some models think more than once).
 
+Reasoning control (a request's ``reasoning_control: true``): the budget is armed even without a
+limit (budget -1 counts nothing), so ``POST /v1/chat/completions/control`` with
+``{"id": <the completion's id>, "action": "reasoning_end"}`` can end a thinking block mid-way: a
+counting budget goes to FORCING at the next token (llama.cpp's common_reasoning_budget_force).
+
 One deliberate difference: with budget 0 and a template whose generation prompt opens the block
 and goes on after the tag (``<think>\n``), llama.cpp feeds the tokens after the tag to the sampler
 already in FORCING, and each of them skips one forced token: the end is never forced without a
@@ -93,6 +98,7 @@ class ReasoningBudget:
         self.state = IDLE
         self.force_pos = 0
         self.forced_total = 0           # tokens this budget forced (for tests and logs)
+        self.force_requested = False    # set by force() on the event loop, taken by the decode thread
         for tok in prefill:             # the generation prompt, as common_sampler_init feeds it
             if self.state != FORCING:   # (llama.cpp lets it use up the forced tokens: see below)
                 self._advance(tok)
@@ -100,7 +106,20 @@ class ReasoningBudget:
     def __getattr__(self, name):        # anything else the engine asks of the sampler
         return getattr(self.sampler, name)
 
+    def force(self) -> bool:
+        """End the thinking block now (reasoning control): only a block being counted can be; the
+        decode thread switches at its next token."""
+        if self.state != COUNTING:
+            return False
+        self.force_requested = True
+        return True
+
     def sample(self, ctx, idx=-1) -> int:
+        if self.force_requested:
+            self.force_requested = False
+            if self.state == COUNTING:
+                self.state, self.force_pos = FORCING, 0
+                self.end.reset()
         if self.state == FORCING and self.force_pos < len(self.forced):
             tok = self.forced[self.force_pos]
             self.sampler.accept(tok)    # the chain's history (penalties, grammar) sees it as sampled
@@ -116,7 +135,7 @@ class ReasoningBudget:
 
     def _open(self):
         self.state, self.remaining = COUNTING, self.budget
-        if self.remaining <= 0:
+        if self.remaining == 0:
             self.state, self.force_pos = FORCING, 0
 
     def _advance(self, tok: int):
@@ -134,7 +153,7 @@ class ReasoningBudget:
                 if complete:
                     self.state, self.force_pos = FORCING, 0
                     self.end.reset()
-            else:
+            elif self.budget >= 0:          # (-1: no limit, armed for reasoning control only)
                 self.remaining -= 1
                 if self.remaining <= 0:
                     self.state = FORCING if complete else WAITING_UTF8
@@ -167,12 +186,22 @@ def budget_fields(body, default_budget: int, default_message: str) -> tuple[int,
     return budget, message
 
 
-def with_budget(model, sampler, rendered: dict, budget: int, message: str):
-    """The sampler under a thinking budget, when there is one and the template has thinking tags
-    (the formatter's thinking_start_tag / thinking_end_tags); else the sampler itself."""
+def control_of(body) -> bool:
+    """A request's reasoning_control (llama-server's): arm the budget so the thinking can be ended."""
+    from alpaca2.server.validation import bad
+    control = body.get("reasoning_control", False)
+    if not isinstance(control, bool):
+        raise bad("'reasoning_control' must be true or false", "reasoning_control")
+    return control
+
+
+def with_budget(model, sampler, rendered: dict, budget: int, message: str, control: bool = False):
+    """The sampler under a thinking budget, when there is one (or reasoning control asks for one)
+    and the template has thinking tags (the formatter's thinking_start_tag / thinking_end_tags);
+    else the sampler itself."""
     start_tag = rendered.get("thinking_start_tag") or ""
     end_tags = [t for t in rendered.get("thinking_end_tags") or () if t]
-    if budget < 0 or not start_tag or not end_tags:
+    if (budget < 0 and not control) or not start_tag or not end_tags:
         return sampler
 
     def tokens(text):

@@ -12,7 +12,7 @@ import json
 
 from alpaca2._core import Sampler, SamplerChain
 from alpaca2.errors import Alpaca2Error
-from alpaca2.server.reasoning_budget import budget_fields, with_budget
+from alpaca2.server.reasoning_budget import ReasoningBudget, budget_fields, control_of, with_budget
 from alpaca2.server.validation import bad, check_text
 
 TOOL_CHOICES = ("auto", "none", "required")
@@ -202,6 +202,7 @@ class ToolChat:
         """Jobs for a rendered request: the template's grammar, stops and preserved tokens, and the
         thinking budget (alpaca2.server.reasoning_budget) where the template has thinking tags."""
         budget, message = budget_fields(body, self.reasoning_budget, self.reasoning_budget_message)
+        control = control_of(body)
         grammar = None
         if res["grammar"]:
             grammar = {"gbnf": res["grammar"], "lazy": res["grammar_lazy"], "patterns": res["lazy_patterns"],
@@ -212,7 +213,7 @@ class ToolChat:
         jobs = self.jobs_for(fields, res["prompt_tokens"], False, n=n, n_probs=n_probs, template_grammar=grammar,
                              extra_stop=res["additional_stops"], preserved=res["preserved_token_ids"])
         for job in jobs:
-            sampler = with_budget(self.model, job.sampler, res, budget, message)
+            sampler = with_budget(self.model, job.sampler, res, budget, message, control)
             if sampler is not job.sampler:
                 job.sampler = sampler
                 job.speculate = False       # drafts would be verified without the budget's forcing
@@ -241,8 +242,12 @@ class ToolChat:
         head = self.chat_head(jobs, stream)
         want_probs = jobs[0].n_probs > 0
         self.submit(jobs)
+        self.live_completions[head["id"]] = jobs        # for /v1/chat/completions/control
         if not stream:
-            results = await self.collect(request, jobs)
+            try:
+                results = await self.collect(request, jobs)
+            finally:
+                self.live_completions.pop(head["id"], None)
             if results is None:
                 from starlette.responses import Response
                 return Response(status_code=499)
@@ -265,6 +270,13 @@ class ToolChat:
             return sse(dict(head, choices=[{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]))
 
         async def events():
+            try:
+                async for ev in answer_events():
+                    yield ev
+            finally:
+                self.live_completions.pop(head["id"], None)
+
+        async def answer_events():
             for job in jobs:
                 yield chunk(job.index, {"role": "assistant", "content": None})
             async for index, ev in self.events_of(jobs):
@@ -296,6 +308,26 @@ class ToolChat:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def chat_control(self, request):
+        """llama-server's POST /v1/chat/completions/control {"id", "action": "reasoning_end"}: end a
+        live completion's thinking now (it must have asked for reasoning_control)."""
+        from alpaca2.server.validation import read_json
+        body = await read_json(request, self.max_body, self.body_timeout)
+        cmpl_id, action = body.get("id"), body.get("action")
+        if not isinstance(cmpl_id, str) or not cmpl_id:
+            raise bad("missing completion id", "id")
+        if action != "reasoning_end":
+            raise bad("unknown control action", "action")
+        jobs = self.live_completions.get(cmpl_id)
+        if jobs is None:
+            return self._json({"success": False, "message": "no active completion for this id"})
+        budgets = [job.sampler for job in jobs if isinstance(job.sampler, ReasoningBudget)]
+        if not budgets:
+            return self._json({"success": False, "message": "reasoning control not enabled for this completion"})
+        for b in budgets:
+            b.force()
+        return self._json({"success": True})
 
     def chat_head(self, jobs, stream) -> dict:
         import time

@@ -87,4 +87,5 @@ cdef class Sampler(SamplerChain):
 
     cdef llama_token_data * _candidates(self, int n) except NULL
     cdef llama_token _fast_pick(self, const float * logits, int n) except -3
+    cdef int _accept_picked(self, llama_token tok) except -1
     cdef llama_token _sample_grammar(self, const float * logits, int n) except? -1

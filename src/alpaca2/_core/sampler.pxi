@@ -726,12 +726,14 @@ cdef class Sampler(SamplerChain):
                 raise SamplerError("the logits are NaN: no token can be sampled")
             return tok
 
-    def _accept_picked(self, llama_token tok):
+    cdef int _accept_picked(self, llama_token tok) except -1:
+        """Accept a token the fast path picked (what llama_sampler_sample does after its pick)."""
         try:
             with nogil:
                 sampler_accept_cpp(self.ptr, tok)
         except (RuntimeError, IndexError, ValueError) as e:
             raise _sampler_error(e) from None
+        return 0
 
     def accept(self, token, bint grammar=True):
         """Add a generated token to the history (penalties and, with grammar=True, the grammar)."""

@@ -269,42 +269,38 @@ class ToolChat:
             lp = chat_logprobs(probs) if want_probs and probs else None
             return sse(dict(head, choices=[{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]))
 
-        async def events():
+        async def events():       # (the id leaves live_completions when the stream ends, however)
             try:
-                async for ev in answer_events():
-                    yield ev
+                for job in jobs:
+                    yield chunk(job.index, {"role": "assistant", "content": None})
+                async for index, ev in self.events_of(jobs):
+                    if ev[0] == "text":
+                        texts[index].append(ev[1])
+                        try:
+                            deltas = parsers[index].update(ev[1]) if ev[1] else []
+                        except (ValueError, Alpaca2Error):
+                            deltas = [{"content": ev[1]}]
+                        probs = ev[3] if want_probs else None
+                        for d in deltas or ([{}] if probs else []):
+                            yield chunk(index, d, probs=probs)
+                            probs = None
+                    elif ev[0] == "end":
+                        try:
+                            deltas = parsers[index].finish()
+                            msg = parsers[index].message
+                        except (ValueError, Alpaca2Error):
+                            deltas, msg = [], {}
+                        for d in deltas:
+                            yield chunk(index, d)
+                        yield chunk(index, {}, finish=self.finish_of(ev[1], msg))
+                    else:
+                        yield sse(self.error_of(ev).body())
+                        return
+                if include_usage:
+                    yield sse(dict(head, choices=[], usage=self._usage(jobs), timings=jobs[0].timings))
+                yield "data: [DONE]\n\n"
             finally:
                 self.live_completions.pop(head["id"], None)
-
-        async def answer_events():
-            for job in jobs:
-                yield chunk(job.index, {"role": "assistant", "content": None})
-            async for index, ev in self.events_of(jobs):
-                if ev[0] == "text":
-                    texts[index].append(ev[1])
-                    try:
-                        deltas = parsers[index].update(ev[1]) if ev[1] else []
-                    except (ValueError, Alpaca2Error):
-                        deltas = [{"content": ev[1]}]
-                    probs = ev[3] if want_probs else None
-                    for d in deltas or ([{}] if probs else []):
-                        yield chunk(index, d, probs=probs)
-                        probs = None
-                elif ev[0] == "end":
-                    try:
-                        deltas = parsers[index].finish()
-                        msg = parsers[index].message
-                    except (ValueError, Alpaca2Error):
-                        deltas, msg = [], {}
-                    for d in deltas:
-                        yield chunk(index, d)
-                    yield chunk(index, {}, finish=self.finish_of(ev[1], msg))
-                else:
-                    yield sse(self.error_of(ev).body())
-                    return
-            if include_usage:
-                yield sse(dict(head, choices=[], usage=self._usage(jobs), timings=jobs[0].timings))
-            yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -4,8 +4,10 @@ slots decoding at once (their drafts verified in one batch)."""
 import concurrent.futures
 import random
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,7 +15,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from alpaca2.server.speculative import lookup_draft, ngram_simple_draft, synth_probs  # noqa: E402
+from alpaca2._common import NgramSpeculator  # noqa: E402
+from alpaca2.server.speculative import lookup_draft, synth_probs  # noqa: E402
 from server_process import NO_EOS, ServerProcess  # noqa: E402
 
 PROMPTS = ["一二三四五六七八九十一二三四五六七八九十", "hello hello hello hello hello",
@@ -56,17 +59,21 @@ def lookup_oracle(hist, n_max):
 
 
 def test_drafters_match_the_plain_loops():
+    """ngram-simple (llama.cpp's own, through NgramSpeculator) and --lookup against plain loops."""
     rng = random.Random(0)
     n_drafts = 0
+    sizes = [(1, 1), (2, 3), (3, 8), (4, 4), (12, 48)]
+    specs = {nm: NgramSpeculator(["ngram-simple"], 1, simple_size_n=nm[0], simple_size_m=nm[1]) for nm in sizes}
     for _ in range(3000):
         vocab = rng.choice([2, 3, 5, 20])
         hist = [rng.randrange(vocab) for _ in range(rng.randrange(1, 60))]
         if rng.random() < 0.5 and len(hist) > 8:          # a copied stretch, as in a rewrite
             a = rng.randrange(len(hist) - 4)
             hist += hist[a:a + rng.randrange(4, 20)]
-        n, m = rng.choice([(1, 1), (2, 3), (3, 8), (4, 4), (12, 48)])
-        got = ngram_simple_draft(hist, n, m)
+        n, m = rng.choice(sizes)
+        got = specs[n, m].draft(0, hist[:-1], hist[-1], 1000)
         assert got == ngram_simple_oracle(hist[:-1], hist[-1], n, m), (hist, n, m)
+        assert specs[n, m].draft(0, hist[:-1], hist[-1], 2) == got[:2]       # n_max cuts the draft
         n_drafts += bool(got)
         k = rng.randrange(0, 10)
         assert lookup_draft(hist, k) == lookup_oracle(hist, k) if k else lookup_draft(hist, k) == []
@@ -79,7 +86,13 @@ def test_drafters_match_the_plain_loops():
 def plain_answers(tiny_path):
     plain = ServerProcess(tiny_path, "-np", "1", "-c", "1024")
     try:
-        return [post(plain, dict(BODY, prompt=p))["tokens"] for p in PROMPTS]
+        prompts = list(PROMPTS)
+        answers = [post(plain, dict(BODY, prompt=p))["tokens"] for p in prompts]
+        # a prompt that is an answer, three times over (token ids): its continuation copies it, which
+        # ngram-cache needs (it learns n-grams from the prompt, not from one-token steps)
+        prompts.append(answers[3] * 3)
+        answers.append(post(plain, dict(BODY, prompt=prompts[-1]))["tokens"])
+        return prompts, answers
     finally:
         plain.stop()
 
@@ -96,6 +109,13 @@ def metric(text, name):
 
 FLAGS = {"ngram-simple": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "2",
                           "--spec-ngram-simple-size-m", "6"],
+         "ngram-map-k": ["--spec-type", "ngram-map-k", "--spec-ngram-map-k-size-n", "2",
+                         "--spec-ngram-map-k-size-m", "6"],
+         "ngram-map-k4v": ["--spec-type", "ngram-map-k4v", "--spec-ngram-map-k4v-size-n", "2",
+                           "--spec-ngram-map-k4v-size-m", "6", "--spec-ngram-map-k4v-min-hits", "2"],
+         "ngram-mod": ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "3", "--spec-ngram-mod-n-min", "1",
+                       "--spec-ngram-mod-n-max", "6"],
+         "ngram-cache": ["--spec-type", "ngram-cache"],
          "lookup": ["--lookup", "--draft-max", "8"],
          "other-draft": ["-md", "OTHER", "--draft-p-min", "0", "--draft-max", "4"],
          "self-draft": ["-md", "SELF", "--draft-p-min", "0", "--draft-max", "6"]}
@@ -106,13 +126,13 @@ FLAGS = {"ngram-simple": ["--spec-type", "ngram-simple", "--spec-ngram-simple-si
 def test_greedy_answers_equal_plain_ones(tiny_path, other_path, plain_answers, mode, np_):
     """Greedy: the same tokens as plain decoding, whatever the drafts; with -np 3 the prompts run
     at once, so one batch verifies several slots' drafts."""
-    if np_ == 1 and mode in ("other-draft",):
-        pytest.skip("one draft model with one slot is covered by self-draft")
+    if np_ == 1 and mode in ("other-draft", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache"):
+        pytest.skip("covered with three slots (one slot: by ngram-simple and self-draft)")
     flags = [{"OTHER": str(other_path), "SELF": str(tiny_path)}.get(f, f) for f in FLAGS[mode]]
     spec = ServerProcess(tiny_path, "-np", str(np_), "-c", str(1024 * np_), "--metrics", "--slots", *flags)
     try:
         with concurrent.futures.ThreadPoolExecutor(np_) as pool:
-            answers = list(pool.map(lambda p: post(spec, dict(BODY, prompt=p)), PROMPTS))
+            answers = list(pool.map(lambda p: post(spec, dict(BODY, prompt=p)), plain_answers[0]))
         metrics = httpx.get(spec.url + "/metrics", timeout=30).text
         slots = httpx.get(spec.url + "/slots", timeout=30).json()
         with concurrent.futures.ThreadPoolExecutor(np_) as pool:      # sampling: runs, full length
@@ -120,7 +140,7 @@ def test_greedy_answers_equal_plain_ones(tiny_path, other_path, plain_answers, m
                                     range(np_)))
     finally:
         spec.stop()
-    assert [a["tokens"] for a in answers] == plain_answers
+    assert [a["tokens"] for a in answers] == plain_answers[1]
     drafted, accepted = metric(metrics, "spec_decode_num_draft_tokens_total"), \
         metric(metrics, "spec_decode_num_accepted_tokens_total")
     steps = metric(metrics, "spec_decode_num_drafts_total")
@@ -128,7 +148,9 @@ def test_greedy_answers_equal_plain_ones(tiny_path, other_path, plain_answers, m
     assert sum(a["timings"].get("draft_n", 0) for a in answers) == drafted
     assert sum(a["timings"].get("draft_n_accepted", 0) for a in answers) == accepted
     if mode == "self-draft":                 # its own drafts: all kept, several tokens per step
-        assert accepted == drafted and steps < len(PROMPTS) * 47 / 3
+        assert accepted == drafted and steps < len(answers) * 47 / 3
+    elif mode == "ngram-cache":              # it drafts the copy only: every draft kept
+        assert 0 < accepted
     elif mode == "other-draft":              # (the draft does not see the request's logit_bias)
         assert accepted < drafted
     else:
@@ -138,7 +160,8 @@ def test_greedy_answers_equal_plain_ones(tiny_path, other_path, plain_answers, m
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--spec-type", "ngram-mod"], "not supported by alpaca2 serve"),
+    (["--spec-type", "draft-eagle3"], "not supported by alpaca2 serve"),
+    (["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "0"], "--spec-ngram-mod-n-match"),
     (["--spec-type", "ngram-what"], "unknown type"),
     (["--spec-type", "draft-simple"], "needs a draft model"),
 ])
@@ -161,3 +184,47 @@ def test_synthetic_acceptance_rates():
     for rates, length in (([0.5, 0.6, 0.1], None), ([1.0], None), (None, 9.0), ([1.0, 1.0, 1.0], 2.0)):
         with pytest.raises(ValueError):
             synth_probs(rates, length, 3)
+
+
+ORACLE_FLAGS = {"ngram-simple": FLAGS["ngram-simple"], "ngram-map-k": FLAGS["ngram-map-k"],
+                "ngram-map-k4v": FLAGS["ngram-map-k4v"], "ngram-mod": FLAGS["ngram-mod"],
+                "ngram-cache": FLAGS["ngram-cache"]}
+
+
+@pytest.mark.parametrize("mode", list(ORACLE_FLAGS))
+def test_ngram_drafts_equal_llama_servers(tiny_path, plain_answers, mode):
+    """llama-server (built from the vendored tree) as the oracle: one slot, the same requests one
+    after the other; each answer's tokens and its drafted and kept token counts are llama-server's."""
+    from test_common import llama_server_bin
+    binary = llama_server_bin()
+    prompts = plain_answers[0]
+    spec = ServerProcess(tiny_path, "-np", "1", "-c", "1024", *ORACLE_FLAGS[mode])
+    try:
+        ours = [post(spec, dict(BODY, prompt=p)) for p in prompts]
+    finally:
+        spec.stop()
+    oracle = ServerProcess.__new__(ServerProcess)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "-m", str(tiny_path), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
+                             "-c", "1024", "-t", "1", *ORACLE_FLAGS[mode]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    oracle.proc, oracle.url = proc, f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(oracle.url + "/health", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, "llama-server exited"
+            time.sleep(0.1)
+        theirs = [post(oracle, dict(BODY, prompt=p)) for p in prompts]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    counts = [(a["timings"].get("draft_n", 0), a["timings"].get("draft_n_accepted", 0)) for a in ours]
+    assert [a["tokens"] for a in ours] == [a["tokens"] for a in theirs]
+    assert counts == [(a["timings"].get("draft_n", 0), a["timings"].get("draft_n_accepted", 0)) for a in theirs]
+    assert sum(n for n, _ in counts) > 0

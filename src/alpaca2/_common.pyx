@@ -12,7 +12,9 @@ same code path as llama-server (``common_chat_templates_apply``, ``common_chat_p
 ``common_chat_msg_diff::compute_diffs``), with the GIL released.
 """
 from libcpp cimport bool as cbool
+from libc.stdint cimport int32_t, uint32_t
 from libcpp.string cimport string
+from libcpp.vector cimport vector
 
 from alpaca2._c.llama cimport llama_model
 from alpaca2._c.common_shim cimport (
@@ -21,6 +23,7 @@ from alpaca2._c.common_shim cimport (
     chat_stream, stream_new, stream_free, stream_parse, stream_update, msg_diff,
 )
 from alpaca2._c cimport common_shim
+from alpaca2._c cimport spec_shim
 cimport alpaca2._core as core
 
 import json
@@ -444,3 +447,6 @@ cdef bytes _text_bytes(text):
     if isinstance(text, bytes):
         return text
     raise TypeError(f"text must be str, not {type(text).__name__}")
+
+
+include "_common_spec.pxi"

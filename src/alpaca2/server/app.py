@@ -30,6 +30,7 @@ from alpaca2._core import Model
 from alpaca2.sampling import LLAMA_CPP_SAMPLING
 from alpaca2.server import gcp
 from alpaca2.server.anthropic import AnthropicRoutes
+from alpaca2.server.args import ngram_settings
 from alpaca2.server.connections import guarded_protocol, limits_for, quiet_accept_errors
 from alpaca2.server.engine import Engine
 from alpaca2.server.generation import Generation
@@ -381,8 +382,8 @@ def _serve(args, model_path, model_kwargs, builtin_tools, cors_proxy=None) -> in
                         n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
                         draft_p_min=args.draft_p_min, kv_unified=args.kv_unified, cache_ram=args.cache_ram,
                         cache_idle_slots=args.cache_idle_slots, lora=lora, spec_types=args.spec_type,
-                        spec_options=dict(size_n=args.spec_ngram_simple_size_n, size_m=args.spec_ngram_simple_size_m,
-                                          synth_len=args.spec_synth_len, synth_rates=args.spec_synth_rates))
+                        spec_options=dict(ngram=ngram_settings(args), synth_len=args.spec_synth_len,
+                                          synth_rates=args.spec_synth_rates))
     except BaseException:
         if draft is not None:
             draft.close()

@@ -246,18 +246,28 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
     d = p.add_argument_group("speculative decoding (every slot; alpaca2.server.speculative)")
     d.add_argument("--spec-type", dest="spec_type", action="append", default=[], metavar="TYPES",
-                   help="comma-separated, tried in order: none, ngram-simple (n-gram lookup in the slot's own "
-                   "tokens, no draft model), draft-simple (-md; implied by -md)")
-    d.add_argument("--spec-ngram-simple-size-n", type=_int_in(1, 1024), default=12, metavar="N",
-                   help="ngram-simple: tokens looked up (default 12)")
-    d.add_argument("--spec-ngram-simple-size-m", type=_int_in(1, 1024), default=48, metavar="N",
-                   help="ngram-simple: most tokens drafted after a match (default 48)")
+                   help="comma-separated: none; llama.cpp's n-gram drafters over the slot's own tokens, no "
+                   "draft model (ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache: tried in "
+                   "that order); draft-simple (-md; implied by -md), tried after them")
+    d.add_argument("--spec-default", action="store_true",
+                   help="llama-server's default speculative set: ngram-mod (n-match 24, n-min 48, n-max 64)")
+    for name, n, m in (("simple", 12, 48), ("map-k", 12, 48), ("map-k4v", 12, 48)):
+        d.add_argument(f"--spec-ngram-{name}-size-n", type=_int_in(1, 1024), default=n, metavar="N",
+                       help=f"ngram-{name}: tokens looked up (default {n})")
+        d.add_argument(f"--spec-ngram-{name}-size-m", type=_int_in(1, 1024), default=m, metavar="N",
+                       help=f"ngram-{name}: most tokens drafted after a match (default {m})")
+        d.add_argument(f"--spec-ngram-{name}-min-hits", type=_int_in(1, 65535), default=1, metavar="N",
+                       help=f"ngram-{name}: hits of a key before it drafts (default 1)")
+    d.add_argument("--spec-ngram-mod-n-match", type=_int_in(1, 1024), default=24, metavar="N",
+                   help="ngram-mod: lookup length (default 24)")
+    d.add_argument("--spec-ngram-mod-n-min", type=_int_in(0, 1024), default=48, metavar="N",
+                   help="ngram-mod: fewest tokens a draft holds (default 48)")
+    d.add_argument("--spec-ngram-mod-n-max", type=_int_in(0, 1024), default=64, metavar="N",
+                   help="ngram-mod: most tokens a draft holds (default 64)")
     d.add_argument("--spec-synth-len", type=float, default=None, metavar="L",
                    help="benchmarking only: drafts kept at random, this mean accepted length (target token included)")
     d.add_argument("--spec-synth-rates", type=_float_list, default=None, metavar="P0,P1,...",
                    help="benchmarking only: the chance that drafts 0, 1, ... are kept, whatever the model says")
-    d.add_argument("--spec-ngram-simple-min-hits", type=_int_in(1, 65535), default=1, metavar="N",
-                   help="accepted (ngram-simple drafts after one hit, as llama-server's)")
     d.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", default=None,
                    help="draft model (same vocabulary): drafts tokens the model verifies in one decode")
     d.add_argument("--lookup", action="store_true", help="draft by n-gram lookup in the prompt and answer")
@@ -398,6 +408,9 @@ def _check_spec_types(prog, args):
             args_error(prog, f"--spec-type {t}: not supported by alpaca2 serve (supported: {', '.join(SPEC_TYPES)})")
         if t not in SPEC_TYPES:
             args_error(prog, f"--spec-type: unknown type {t!r} (supported: {', '.join(SPEC_TYPES)})")
+    if args.spec_default:                   # llama.cpp's --spec-default: ngram-mod (its settings are the defaults)
+        types.append("ngram-mod")
+    types = list(dict.fromkeys(types))
     if "draft-simple" in types and not args.model_draft:
         args_error(prog, "--spec-type draft-simple needs a draft model (-md FILE)")
     args.spec_type = types
@@ -477,3 +490,14 @@ def main(argv=None, prog: str = PROG) -> int:
     except (Alpaca2Error, ValueError, OSError) as e:
         print(f"alpaca2: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def ngram_settings(args) -> dict:
+    """The --spec-ngram-* flags as alpaca2._common.NgramSpeculator's settings."""
+    out = {}
+    for name in ("simple", "map_k", "map_k4v"):
+        for what in ("size_n", "size_m", "min_hits"):
+            out[f"{name}_{what}"] = getattr(args, f"spec_ngram_{name}_{what}")
+    for what in ("n_match", "n_min", "n_max"):
+        out[f"mod_{what}"] = getattr(args, f"spec_ngram_mod_{what}")
+    return out

@@ -1,15 +1,15 @@
 """Speculative decoding in the server's decode step: every generating slot's drafts are verified in
 the step's one batch, next to the other slots' tokens and prompt chunks.
 
-Drafts come from (in the order given; the first that drafts anything wins):
+Drafts come from (the first that drafts anything wins):
 
-- ``ngram-simple`` (llama-server's ``--spec-type ngram-simple``): the last ``size_n`` tokens (the
-  one just sampled included) are looked up in the slot's earlier tokens; the ``size_m`` tokens
-  that followed their latest occurrence are the draft (none when fewer than ``size_n`` follow).
+- llama.cpp's own n-gram drafters (``--spec-type`` ngram-simple, ngram-map-k, ngram-map-k4v,
+  ngram-mod, ngram-cache), run through :class:`alpaca2._common.NgramSpeculator` over the slot's
+  tokens, tried in llama.cpp's order (simple, map-k, map-k4v, mod, cache) as llama-server does;
 - ``lookup`` (alpaca2's ``--lookup``, prompt-lookup decoding): the longest of the last 4 .. 1
   tokens found earlier, then as many of the tokens that followed it as the slot's draft length
   allows; that length adapts (+2 after a step that kept every draft, -1 after one that kept fewer
-  than half) between ``--draft-min`` and ``--draft-max``.
+  than half) between ``--draft-min`` and ``--draft-max``;
 - ``draft-simple`` (``-md``): a smaller model with the same vocabulary drafts greedily, up to
   ``--draft-max`` tokens, stopping at a token less likely than ``--draft-p-min``; it keeps one
   sequence per slot in a context of its own.
@@ -27,12 +27,12 @@ import random
 
 import numpy as np
 
+from alpaca2._common import NGRAM_SPEC_TYPES, NgramSpeculator
 from alpaca2._core import Context, check_draft_compatible
 from alpaca2.errors import Alpaca2Error
 
-SPEC_TYPES = ("none", "draft-simple", "ngram-simple")
-UNSUPPORTED_SPEC_TYPES = ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-map-k",
-                          "ngram-map-k4v", "ngram-mod", "ngram-cache")
+SPEC_TYPES = ("none", "draft-simple") + NGRAM_SPEC_TYPES
+UNSUPPORTED_SPEC_TYPES = ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
 LOOKUP_NGRAM_MAX = 4            # --lookup: the longest n-gram looked up
 
 
@@ -75,23 +75,6 @@ def _last_match(arr, pattern, lo, end) -> int:
         hit &= arr[lo + k:end + k] == pattern[k]
     found = np.flatnonzero(hit)
     return lo + int(found[-1]) if found.size else -1
-
-
-def ngram_simple_draft(hist, size_n, size_m) -> list:
-    """llama-server's ngram-simple draft (common_ngram_simple_draft); hist ends with the token
-    just sampled (the cache holds the others)."""
-    cur_len = len(hist) - 1
-    if cur_len <= size_n + size_m + 1:
-        return []
-    arr = np.asarray(hist, dtype=np.int64)
-    # as llama.cpp: positions 1 .. cur_len - size_n - 1, the latest first
-    s = _last_match(arr, arr[-size_n:], 1, cur_len - size_n)
-    if s < 0:
-        return []
-    count = min(size_m, cur_len - (s + size_n))
-    if count < size_n:
-        return []
-    return hist[s + size_n:s + size_n + count]
 
 
 def lookup_draft(hist, n_max) -> list:
@@ -157,22 +140,28 @@ class SlotSpeculation:
     """Drafts for the generating slots of one step, and their verification after its decode."""
 
     def __init__(self, ctx: Context, *, types=("ngram-simple",), lookup=False, draft_model=None, parallel=1,
-                 n_draft=16, n_draft_min=1, p_min=0.0, size_n=12, size_m=48, synth_len=None, synth_rates=None,
+                 n_draft=16, n_draft_min=1, p_min=0.0, ngram=None, synth_len=None, synth_rates=None,
                  stats=None, **draft_ctx_args):
         self.ctx = ctx
         self.types = [t for t in types if t != "none"]
         if lookup:
             self.types.append("lookup")
         self.n_draft, self.n_draft_min = n_draft, max(1, min(n_draft_min, n_draft))
-        self.size_n, self.size_m = size_n, size_m
-        n_max = max(size_m if t == "ngram-simple" else n_draft for t in self.types)
-        self.synth = synth_probs(synth_rates, synth_len, n_max)
         self._check_partial_removal()
+        self.ngram = None                     # llama.cpp's n-gram drafters, one table set per slot
+        ngram_types = [t for t in self.types if t in NGRAM_SPEC_TYPES]
+        if ngram_types:
+            self.ngram = NgramSpeculator(ngram_types, parallel, **(ngram or {}))
+        self.others = [t for t in self.types if t not in NGRAM_SPEC_TYPES]      # after the n-grams
+        n_max = max(([self.ngram.n_max] if self.ngram is not None else []) + [n_draft] * len(self.others))
+        self.synth = synth_probs(synth_rates, synth_len, n_max)
         self.drafter = None
         if "draft-simple" in self.types:
             self.drafter = DraftModel(ctx, draft_model, parallel=parallel, p_min=p_min, **draft_ctx_args)
         self.n_cur = [n_draft] * parallel      # --lookup's adaptive draft length, per slot
+        self.begun = [None] * parallel         # the job whose generation the n-gram drafters know, per slot
         self.step_drafts = {}                  # seq_id -> (the pending token's batch index, drafts, their indices)
+        self.from_ngram = set()                # seq_ids whose drafts this step are the n-gram drafters'
         self.stats = stats if stats is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
 
     def _check_partial_removal(self):
@@ -190,14 +179,21 @@ class SlotSpeculation:
 
     def _draft(self, slot, n_max) -> list:
         hist = slot.tokens            # the cache's tokens and, last, the pending one
-        for t in self.types:
-            if t == "ngram-simple":
-                d = ngram_simple_draft(hist, self.size_n, self.size_m)
-            elif t == "lookup":
-                d = lookup_draft(hist, min(n_max, self.n_cur[slot.seq_id]))
+        seq = slot.seq_id
+        if self.ngram is not None:
+            if self.begun[seq] is not slot.job:       # a new generation: as llama-server, its prompt
+                self.ngram.begin(seq, hist[:-1])
+                self.begun[seq] = slot.job
+            d = self.ngram.draft(seq, hist[:-1], hist[-1], n_max)
+            if d:
+                self.from_ngram.add(seq)
+                return d
+        for t in self.others:
+            if t == "lookup":
+                d = lookup_draft(hist, min(n_max, self.n_cur[seq]))
             else:
                 bias = getattr(slot.job.sampler, "params", {}).get("logit_bias")
-                d = self.drafter.draft(slot.seq_id, hist, min(n_max, self.n_draft), bias)
+                d = self.drafter.draft(seq, hist, min(n_max, self.n_draft), bias)
                 d = d if len(d) >= self.n_draft_min else []       # as llama-server: too short, not worth it
             if d:
                 return d[:n_max]
@@ -207,6 +203,7 @@ class SlotSpeculation:
         """Add each generating slot's drafts after everything else in batch (the outputs before them
         keep their indices); generating: (slot, batch index of its pending token)."""
         self.step_drafts = {}
+        self.from_ngram.clear()
         for slot, idx in generating:
             job = slot.job
             if not job.speculate or room <= 0:
@@ -249,6 +246,8 @@ class SlotSpeculation:
             slot.tokens += drafts[:max(len(new) - 1, 0)]
             self.ctx.seq_rm(slot.seq_id, len(slot.tokens), -1)
         n_ok = len(new) - 1
+        if slot.seq_id in self.from_ngram:
+            self.ngram.accept(slot.seq_id, n_ok)
         st = self.stats
         st["n_drafted"] += len(drafts)
         st["n_accepted"] += n_ok
@@ -282,3 +281,6 @@ class SlotSpeculation:
         if self.drafter is not None:
             self.drafter.close()
             self.drafter = None
+        if self.ngram is not None:
+            self.ngram.close()
+            self.ngram = None

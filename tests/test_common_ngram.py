@@ -112,3 +112,48 @@ def test_random_use_never_aborts():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-2000:]
+
+
+def write_cache(path, records):
+    """An n-gram cache file as llama.cpp's common_ngram_cache_save writes it: per n-gram, its
+    LLAMA_NGRAM_MAX (4) tokens (-1 past its length), the count of next tokens, (token, count) pairs."""
+    import struct
+    with open(path, "wb") as f:
+        for ngram, nexts in records:
+            f.write(struct.pack("<4i", *(list(ngram) + [-1] * (4 - len(ngram)))))
+            f.write(struct.pack("<i", len(nexts)))
+            for tok, count in nexts:
+                f.write(struct.pack("<2i", tok, count))
+
+
+def test_lookup_cache_files(tmp_path):
+    """-lcs: a static cache of 2-grams drafts on its own, with nothing learned from the context."""
+    good = tmp_path / "static.bin"
+    write_cache(good, [((1, 2), [(3, 5)]), ((2, 3), [(4, 5), (9, 1)]), ((3, 4), [(1, 5)]), ((4, 1), [(2, 5)])])
+    with NgramSpeculator("ngram-cache", 1, lookup_cache_static=str(good)) as sp:
+        assert sp.draft(0, [7, 1], 2, 16) == [3, 4, 1, 2, 3, 4, 1, 2]       # ngram-cache drafts 8 at most
+    with NgramSpeculator("ngram-cache", 1) as sp:
+        assert sp.draft(0, [7, 1], 2, 16) == []
+    # a file that is not a cache is a ValueError before llama.cpp reads it (its loader would abort):
+    # run where an abort could not take the test run down with it
+    cut, zero = tmp_path / "cut.bin", tmp_path / "zero.bin"
+    cut.write_bytes(good.read_bytes()[:-3])
+    write_cache(zero, [((1, 2), [(3, 0)])])
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    code = textwrap.dedent(f"""
+        from alpaca2._common import NgramSpeculator
+        for kw in ({{"lookup_cache_static": {str(cut)!r}}}, {{"lookup_cache_dynamic": {str(zero)!r}}},
+                   {{"lookup_cache_static": {str(tmp_path / "missing.bin")!r}}}, {{"lookup_cache_static": ""}}):
+            try:
+                NgramSpeculator("ngram-cache", 1, **kw)
+            except ValueError as e:
+                print("ValueError", e)
+        NgramSpeculator("ngram-cache", 1, lookup_cache_dynamic={str(empty)!r}).close()
+        print("done")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "done" and len(lines) == 5 and all(x.startswith("ValueError") for x in lines[:4]), lines
+    assert "not an n-gram cache" in lines[0] and "not an n-gram cache" in lines[1] and "cannot open" in lines[2]

@@ -171,6 +171,17 @@ def test_bad_spec_types_are_usage_errors(tiny_path, args, words):
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
 
 
+def test_bad_lookup_cache_is_one_line(tiny_path, tmp_path):
+    """-lcs with a file that is not an n-gram cache: llama-server aborts; alpaca2 says so and exits 1."""
+    bad = tmp_path / "bad.lcs"
+    bad.write_bytes(b"\1\0\0\0" * 4 + b"\0\0\0\0")         # an n-gram followed by zero next tokens
+    r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", str(tiny_path), "--port", "0",
+                        "--spec-type", "ngram-cache", "-lcs", str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"alpaca2: the lookup cache {bad} is not an n-gram cache " \
+        "(record 0: no token count)"
+
+
 def test_synthetic_acceptance_rates():
     """--spec-synth-len L: rates p, p^2 ... whose sum is L - 1 (the mean kept drafts); the chances
     per draft are the rates' ratios, as llama-server's."""

@@ -27,6 +27,7 @@ from alpaca2._c cimport spec_shim
 cimport alpaca2._core as core
 
 import json
+import os
 import re
 import threading
 import uuid

@@ -6,7 +6,8 @@ NGRAM_SPEC_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod",
 _NGRAM_DEFAULTS = dict(simple_size_n=12, simple_size_m=48, simple_min_hits=1,
                        map_k_size_n=12, map_k_size_m=48, map_k_min_hits=1,
                        map_k4v_size_n=12, map_k4v_size_m=48, map_k4v_min_hits=1,
-                       mod_n_match=24, mod_n_min=48, mod_n_max=64)
+                       mod_n_match=24, mod_n_min=48, mod_n_max=64, lookup_cache_static=None,
+                       lookup_cache_dynamic=None)
 
 
 cdef str _spec_check(int status, string & error):
@@ -26,7 +27,10 @@ cdef class NgramSpeculator:
     ``types``: names from :data:`NGRAM_SPEC_TYPES` (llama-server's ``--spec-type``); whatever order
     they are given in, llama.cpp tries them in its own (simple, map-k, map-k4v, mod, cache) and the
     first that drafts anything wins.  ``settings``: ``simple_size_n`` ... ``mod_n_max``, llama-server's
-    ``--spec-ngram-*`` flags with its defaults (out of their ranges: ValueError).
+    ``--spec-ngram-*`` flags with its defaults (out of their ranges: ValueError); for ngram-cache,
+    ``lookup_cache_static`` / ``lookup_cache_dynamic``: n-gram cache files (llama-server's ``-lcs`` /
+    ``-lcd``, made by llama.cpp's ``llama-lookup-create``), read once, never written (a file that is
+    not one: ValueError).
 
     Per sequence: :meth:`begin` with the prompt when its generation starts, :meth:`draft` before a
     step, :meth:`accept` with how many drafted tokens the target kept.
@@ -61,6 +65,17 @@ cdef class NgramSpeculator:
         if unknown:
             raise TypeError(f"unknown n-gram setting(s): {', '.join(sorted(unknown))}")
         s = dict(_NGRAM_DEFAULTS, **settings)
+        for k in ("lookup_cache_static", "lookup_cache_dynamic"):
+            path = s.pop(k)
+            if path is None:
+                continue
+            path = os.fsencode(path)
+            if not path or b"\0" in path:
+                raise ValueError(f"{k}: not a file name: {path!r}")
+            if k == "lookup_cache_static":
+                cfg.lookup_cache_static = path
+            else:
+                cfg.lookup_cache_dynamic = path
         for k, v in s.items():
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{k} must be an int, not {type(v).__name__}")

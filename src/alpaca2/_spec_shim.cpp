@@ -4,8 +4,12 @@
 #include "common.h"
 #include "speculative.h"
 
+#include "ngram-cache.h"
+
 #include <algorithm>
+#include <cstring>
 #include <exception>
+#include <fstream>
 #include <new>
 
 namespace alpaca2_spec {
@@ -55,6 +59,36 @@ int check_seq(const speculator * sp, int32_t seq, std::string & error) {
     return STATUS_OK;
 }
 
+// What common_ngram_cache_load would GGML_ASSERT, checked first: records of an n-gram
+// (LLAMA_NGRAM_MAX tokens), a count n > 0, then n (token, count > 0) pairs, up to the end of the file.
+bool check_cache_file(const std::string & path, std::string & error) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+        error = "cannot open the lookup cache " + path;
+        return false;
+    }
+    int32_t ngram[LLAMA_NGRAM_MAX];
+    int32_t pair[2];
+    int32_t n = 0;
+    for (size_t rec = 0;; ++rec) {
+        if (!f.read(reinterpret_cast<char *>(ngram), sizeof(ngram))) {
+            return true;        // the end (a cut-off n-gram at the end is skipped by llama.cpp too)
+        }
+        if (!f.read(reinterpret_cast<char *>(&n), sizeof(n)) || n <= 0) {
+            error = "the lookup cache " + path + " is not an n-gram cache (record " + std::to_string(rec) +
+                    ": no token count)";
+            return false;
+        }
+        for (int32_t i = 0; i < n; ++i) {
+            if (!f.read(reinterpret_cast<char *>(pair), sizeof(pair)) || pair[1] <= 0) {
+                error = "the lookup cache " + path + " is not an n-gram cache (record " + std::to_string(rec) +
+                        ": a token count cut off or not positive)";
+                return false;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 int type_from_name(const std::string & name) noexcept {
@@ -94,6 +128,15 @@ speculator * speculator_new(const ngram_config & c, uint32_t n_seq, std::string 
         p.ngram_mod.n_match = c.mod_n_match;
         p.ngram_mod.n_min   = c.mod_n_min;
         p.ngram_mod.n_max   = c.mod_n_max;
+        const bool has_cache = std::find(c.types.begin(), c.types.end(), (int) COMMON_SPECULATIVE_TYPE_NGRAM_CACHE) !=
+                               c.types.end();
+        for (const std::string * path : {&c.lookup_cache_static, &c.lookup_cache_dynamic}) {
+            if (has_cache && !path->empty() && !check_cache_file(*path, error)) {
+                return (int) STATUS_BAD_INPUT;
+            }
+        }
+        p.ngram_cache.lookup_cache_static  = has_cache ? c.lookup_cache_static : "";
+        p.ngram_cache.lookup_cache_dynamic = has_cache ? c.lookup_cache_dynamic : "";
         common_speculative * spec = common_speculative_init(p, n_seq);
         if (spec == nullptr) {
             error = "llama.cpp made no speculative drafter of these types";

@@ -34,6 +34,8 @@ struct ngram_config {
     int mod_n_match     = 24;         // --spec-ngram-mod-n-match
     int mod_n_min       = 48;         // --spec-ngram-mod-n-min
     int mod_n_max       = 64;         // --spec-ngram-mod-n-max
+    std::string lookup_cache_static;  // -lcs: an n-gram cache file (llama-lookup-create's), or ""
+    std::string lookup_cache_dynamic; // -lcd: the same, read (never written, as in llama-server)
 };
 
 // The type names llama.cpp knows ("ngram-simple" ...) to its enum value; -1 when unknown.

@@ -16,6 +16,7 @@ cdef extern from "_spec_shim.h" namespace "alpaca2_spec" nogil:
         int map_k_size_n, map_k_size_m, map_k_min_hits
         int map_k4v_size_n, map_k4v_size_m, map_k4v_min_hits
         int mod_n_match, mod_n_min, mod_n_max
+        string lookup_cache_static, lookup_cache_dynamic
 
     int type_from_name(const string & name) noexcept
 

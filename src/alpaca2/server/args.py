@@ -258,6 +258,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        help=f"ngram-{name}: most tokens drafted after a match (default {m})")
         d.add_argument(f"--spec-ngram-{name}-min-hits", type=_int_in(1, 65535), default=1, metavar="N",
                        help=f"ngram-{name}: hits of a key before it drafts (default 1)")
+    d.add_argument("-lcs", "--lookup-cache-static", default=None, metavar="FNAME",
+                   help="ngram-cache: a static n-gram cache file (llama-lookup-create's), read, never written")
+    d.add_argument("-lcd", "--lookup-cache-dynamic", default=None, metavar="FNAME",
+                   help="ngram-cache: a dynamic n-gram cache file, read (as llama-server, never written)")
     d.add_argument("--spec-ngram-mod-n-match", type=_int_in(1, 1024), default=24, metavar="N",
                    help="ngram-mod: lookup length (default 24)")
     d.add_argument("--spec-ngram-mod-n-min", type=_int_in(0, 1024), default=48, metavar="N",
@@ -500,4 +504,5 @@ def ngram_settings(args) -> dict:
             out[f"{name}_{what}"] = getattr(args, f"spec_ngram_{name}_{what}")
     for what in ("n_match", "n_min", "n_max"):
         out[f"mod_{what}"] = getattr(args, f"spec_ngram_mod_{what}")
+    out["lookup_cache_static"], out["lookup_cache_dynamic"] = args.lookup_cache_static, args.lookup_cache_dynamic
     return out

@@ -149,20 +149,34 @@ def test_embeddings_count_in_metrics(server):
 
 
 def test_kv_unified_lets_one_request_use_the_whole_cache(tiny_path):
-    s = ServerProcess(tiny_path, "-np", "4", "-c", "256", "-kvu")
+    s = ServerProcess(tiny_path, "-np", "4", "-c", "1024", "-kvu")
     try:
-        r = post(s, "/completion", {"prompt": "A", "n_predict": 150, "logit_bias": NO_EOS})
+        r = post(s, "/completion", {"prompt": "A", "n_predict": 300, "logit_bias": NO_EOS})
         assert r.status_code == 200, r.text
-        assert r.json()["timings"]["predicted_n"] == 150        # more than 256 / 4 slots
-        assert httpx.get(s.url + "/props", timeout=30).json()["default_generation_settings"]["n_ctx"] == 256
+        assert r.json()["timings"]["predicted_n"] == 300        # more than 1024 / 4 slots
+        assert httpx.get(s.url + "/props", timeout=30).json()["default_generation_settings"]["n_ctx"] == 1024
     finally:
         s.stop()
-    plain = ServerProcess(tiny_path, "-np", "4", "-c", "256")
+    plain = ServerProcess(tiny_path, "-np", "4", "-c", "1024")      # a KV-cache stream of 256 per slot
     try:
-        r = post(plain, "/completion", {"prompt": "A", "n_predict": 150, "logit_bias": NO_EOS})
-        assert r.status_code == 400 or r.json()["timings"]["predicted_n"] < 150
+        assert httpx.get(plain.url + "/props", timeout=30).json()["default_generation_settings"]["n_ctx"] == 256
+        r = post(plain, "/completion", {"prompt": "A", "n_predict": 300, "logit_bias": NO_EOS})
+        assert r.status_code == 400 or r.json()["timings"]["predicted_n"] < 256
     finally:
         plain.stop()
+
+
+def test_split_cache_pads_each_slot_as_llama_server(tiny_path):
+    """Without -kvu each slot has a stream of -c / -np cells, rounded up to 256 as llama.cpp does
+    (llama-server's -c 256 -np 4 gives 4 slots of 256)."""
+    s = ServerProcess(tiny_path, "-np", "4", "-c", "256")
+    try:
+        props = httpx.get(s.url + "/props", timeout=30).json()
+        assert props["default_generation_settings"]["n_ctx"] == 256
+        r = post(s, "/completion", {"prompt": "A", "n_predict": 150, "logit_bias": NO_EOS})
+        assert r.status_code == 200 and r.json()["timings"]["predicted_n"] == 150
+    finally:
+        s.stop()
 
 
 def test_vertex_ai_predict_route(tiny_path):

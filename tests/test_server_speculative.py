@@ -71,6 +71,7 @@ def test_drafters_match_the_plain_loops():
             a = rng.randrange(len(hist) - 4)
             hist += hist[a:a + rng.randrange(4, 20)]
         n, m = rng.choice(sizes)
+        specs[n, m].begin(0, [])              # each history is a new generation
         got = specs[n, m].draft(0, hist[:-1], hist[-1], 1000)
         assert got == ngram_simple_oracle(hist[:-1], hist[-1], n, m), (hist, n, m)
         assert specs[n, m].draft(0, hist[:-1], hist[-1], 2) == got[:2]       # n_max cuts the draft

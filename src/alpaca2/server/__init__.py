@@ -4,7 +4,7 @@
 
 The flags are llama-server's (``alpaca2.server.args``), so one can replace the other.
 
-- ``engine``       the scheduler and the decode thread: slots in one unified KV cache, one batch
+- ``engine``       the scheduler and the decode thread: slots in one KV cache, one batch
                    per step, prefix reuse, cancellation;
 - ``openai_api``   /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models;
 - ``llama_api``    llama-server's own paths (/health, /metrics ...);

@@ -1,6 +1,7 @@
-"""The scheduler and the decode thread: slots in one unified KV cache, one batch per step.
+"""The scheduler and the decode thread: slots in one KV cache, one batch per step.
 
-One background thread owns the Context (``--parallel N`` sequences in one unified KV cache) and
+One background thread owns the Context (``--parallel N`` sequences, a KV-cache stream each, or one
+shared cache with ``-kvu``) and
 runs the decode loop; asyncio handlers hand it jobs and read text back through queues.  Each step
 builds one Batch from all busy slots (one token for each generating request, prompt chunks for new
 ones, up to n_batch tokens), calls llama_decode once (the GIL is released meanwhile), and samples
@@ -149,10 +150,11 @@ class Engine:
                                n_draft=n_draft, n_draft_min=n_draft_min, p_min=draft_p_min, **(spec_options or {}),
                                stats={"n_drafted": 0, "n_accepted": 0, "n_steps": 0})   # kept while asleep
         self.ctx = self.spec = None
-        self._make_contexts(flash_attn)
-        # each slot gets n_ctx / parallel; with kv_unified (llama-server's -kvu) any slot may use the whole
-        # cache, and a step that finds it full evicts idle slots' tokens, then fails the busy requests
+        # each slot gets n_ctx / parallel, a KV-cache stream of its own (as llama-server's: attention
+        # reads only that slot's cells); with kv_unified (-kvu) the slots share one cache, any slot may
+        # use all of it, and a step that finds it full evicts idle slots' tokens, then fails the busy requests
         self.kv_unified = kv_unified
+        self._make_contexts(flash_attn)
         self.n_ctx_slot = self.ctx.n_ctx if kv_unified else self.ctx.n_ctx // parallel
         if self.n_ctx_slot < 8:
             self._close_contexts()
@@ -198,11 +200,12 @@ class Engine:
         self._thread.start()
 
     def _make_contexts(self, flash_attn="auto"):
-        """The decode context (all slots, one unified KV cache) and, with -md/--lookup/--spec-type,
-        the slots' speculative decoding (with the draft model's context)."""
+        """The decode context (all slots: a KV-cache stream each, or one shared with -kvu) and, with
+        -md/--lookup/--spec-type, the slots' speculative decoding (with the draft model's context)."""
         a, sa = self._ctx_args, self._spec_args
         self._flash_attn = flash_attn
-        self.ctx = Context(self.model, n_seq_max=self.parallel, kv_unified=True, flash_attn=flash_attn, **a)
+        self.ctx = Context(self.model, n_seq_max=self.parallel, kv_unified=self.kv_unified or self.parallel == 1,
+                           flash_attn=flash_attn, **a)
         if self.speculative:
             try:
                 self.spec = SlotSpeculation(self.ctx, parallel=self.parallel, **sa, **a)

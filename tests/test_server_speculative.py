@@ -240,3 +240,36 @@ def test_ngram_drafts_equal_llama_servers(tiny_path, plain_answers, mode):
     assert [a["tokens"] for a in ours] == [a["tokens"] for a in theirs]
     assert counts == [(a["timings"].get("draft_n", 0), a["timings"].get("draft_n_accepted", 0)) for a in theirs]
     assert sum(n for n, _ in counts) > 0
+
+
+@pytest.mark.parametrize("p_min", [0.0, 0.02])
+def test_draft_model_drafts_slots_together_as_one_by_one(tiny_path, other_path, p_min):
+    """DraftModel.draft_many (one draft-model decode per position for all slots) gives each slot the
+    tokens it gets drafting alone, with its own logit_bias and history (shared prefixes, edits)."""
+    import alpaca2
+    from alpaca2.server.speculative import DraftModel
+    target_model, draft_model = alpaca2.Model(tiny_path), alpaca2.Model(other_path)
+    target = alpaca2.Context(target_model, n_ctx=1024, n_seq_max=3)
+    together = DraftModel(target, draft_model, parallel=3, p_min=p_min, kv_unified=False, n_ctx=1024)
+    alone = DraftModel(target, draft_model, parallel=3, p_min=p_min, kv_unified=False, n_ctx=1024)
+    rng = random.Random(3)
+    hists = [[rng.randrange(3, 200) for _ in range(rng.randrange(2, 30))] for _ in range(3)]
+    n_total = 0
+    try:
+        for step in range(12):
+            reqs = []
+            for seq, h in enumerate(hists):
+                if rng.random() < 0.3:
+                    h[:] = h[:rng.randrange(1, len(h) + 1)]          # drafts rejected, or a new request
+                h.append(rng.randrange(3, 200))
+                bias = {100: 5.0, 7: -100.0} if seq == 1 else None
+                reqs.append((seq, list(h), rng.randrange(0, 7), bias))
+            got = together.draft_many(reqs)
+            want = {seq: alone.draft(seq, h, n, b) for seq, h, n, b in reqs}
+            assert got == want
+            n_total += sum(len(d) for d in got.values())
+    finally:
+        together.close()
+        alone.close()
+        target.close()
+    assert n_total > 20

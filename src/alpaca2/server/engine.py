@@ -204,11 +204,11 @@ class Engine:
         -md/--lookup/--spec-type, the slots' speculative decoding (with the draft model's context)."""
         a, sa = self._ctx_args, self._spec_args
         self._flash_attn = flash_attn
-        self.ctx = Context(self.model, n_seq_max=self.parallel, kv_unified=self.kv_unified or self.parallel == 1,
-                           flash_attn=flash_attn, **a)
+        unified = self.kv_unified or self.parallel == 1
+        self.ctx = Context(self.model, n_seq_max=self.parallel, kv_unified=unified, flash_attn=flash_attn, **a)
         if self.speculative:
             try:
-                self.spec = SlotSpeculation(self.ctx, parallel=self.parallel, **sa, **a)
+                self.spec = SlotSpeculation(self.ctx, parallel=self.parallel, kv_unified=unified, **sa, **a)
             except BaseException:
                 self.ctx.close()
                 raise

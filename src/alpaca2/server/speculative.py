@@ -28,7 +28,7 @@ import random
 import numpy as np
 
 from alpaca2._common import NGRAM_SPEC_TYPES, NgramSpeculator
-from alpaca2._core import Context, check_draft_compatible
+from alpaca2._core import Batch, Context, check_draft_compatible
 from alpaca2.errors import Alpaca2Error
 
 SPEC_TYPES = ("none", "draft-simple") + NGRAM_SPEC_TYPES
@@ -92,16 +92,18 @@ def lookup_draft(hist, n_max) -> list:
 
 
 class DraftModel:
-    """draft-simple: a second model drafts greedily, one KV-cache sequence per slot."""
+    """draft-simple: a second model drafts greedily, one KV-cache sequence per slot; the slots that
+    draft in a step do so together, one decode of the draft model per drafted position."""
 
-    def __init__(self, target: Context, model, *, parallel, p_min, **ctx_args):
+    def __init__(self, target: Context, model, *, parallel, p_min, kv_unified=True, **ctx_args):
         check_draft_compatible(target.model, model)
-        self.ctx = Context(model, **dict(ctx_args, n_ctx=target.n_ctx, n_seq_max=parallel, kv_unified=True))
+        self.ctx = Context(model, **dict(ctx_args, n_ctx=target.n_ctx, n_seq_max=parallel, kv_unified=kv_unified))
         self.p_min = p_min
         self.held = [[] for _ in range(parallel)]      # what each sequence of the draft's cache holds
+        self.batch = Batch(max(parallel, 1), parallel)
 
-    def draft(self, seq_id, hist, n_max, logit_bias=None) -> list:
-        """Up to n_max greedy tokens after hist (the request's logit_bias applied, as its sampler does)."""
+    def _catch_up(self, seq_id, hist):
+        """The draft's cache holds hist but its last token (decoded with the first draft step)."""
         held = self.held[seq_id]
         common = 0
         for a, b in zip(held, hist[:-1]):       # the pending token (hist[-1]) is always decoded again
@@ -110,22 +112,55 @@ class DraftModel:
             common += 1
         self.ctx.seq_rm(seq_id, common, -1)
         self.held[seq_id] = held = hist[:common]
-        out = []
-        todo = hist[common:]
-        while len(out) < n_max:
-            self.ctx.decode(todo, seq_id=seq_id)
+        todo = hist[common:-1]
+        if todo:
+            self.ctx.decode(todo, seq_id=seq_id, logits=None)
             held += todo
-            logits = self.ctx.logits
-            if logit_bias:
-                ids = [t for t in logit_bias if t < logits.size]
-                logits[ids] += np.array([logit_bias[t] for t in ids], dtype=np.float32)
-            d = int(logits.argmax())
-            if self.p_min > 0:
-                z = np.exp(logits - logits[d], dtype=np.float64)
-                if 1.0 / z.sum() < self.p_min:
-                    break
-            out.append(d)
-            todo = [d]
+
+    def _pick(self, logits, logit_bias):
+        """The greedy token (the request's logit_bias applied, as its sampler does), or None when it is
+        less likely than p_min."""
+        if logit_bias:
+            ids = [t for t in logit_bias if t < logits.size]
+            logits[ids] += np.array([logit_bias[t] for t in ids], dtype=np.float32)
+        d = int(logits.argmax())
+        if self.p_min > 0:
+            z = np.exp(logits - logits[d], dtype=np.float64)
+            if 1.0 / z.sum() < self.p_min:
+                return None
+        return d
+
+    def draft(self, seq_id, hist, n_max, logit_bias=None) -> list:
+        """Up to n_max greedy tokens after hist."""
+        return self.draft_many([(seq_id, hist, n_max, logit_bias)])[seq_id]
+
+    def draft_many(self, requests) -> dict:
+        """requests: (seq_id, hist, n_max, logit_bias) of different sequences; {seq_id: drafts}.  Each
+        round decodes one token of every sequence still drafting, in one batch."""
+        out = {r[0]: [] for r in requests}
+        live = []
+        for seq_id, hist, n_max, bias in requests:
+            if n_max > 0 and hist:
+                self._catch_up(seq_id, hist)
+                live.append([seq_id, hist[-1], n_max, bias])
+        batch = self.batch
+        while live:
+            batch.clear()
+            for seq_id, tok, _, _ in live:
+                batch.add(tok, len(self.held[seq_id]), seq_id, True)
+            self.ctx.decode_batch(batch)
+            still = []
+            for i, entry in enumerate(live):
+                seq_id, tok, n_max, bias = entry
+                self.held[seq_id].append(tok)
+                d = self._pick(self.ctx.logits_at(i), bias)
+                if d is None:
+                    continue
+                out[seq_id].append(d)
+                if len(out[seq_id]) < n_max:
+                    entry[1] = d
+                    still.append(entry)
+            live = still
         return out
 
     def forget(self, seq_id):
@@ -141,7 +176,7 @@ class SlotSpeculation:
 
     def __init__(self, ctx: Context, *, types=("ngram-simple",), lookup=False, draft_model=None, parallel=1,
                  n_draft=16, n_draft_min=1, p_min=0.0, ngram=None, synth_len=None, synth_rates=None,
-                 stats=None, **draft_ctx_args):
+                 stats=None, kv_unified=True, **draft_ctx_args):
         self.ctx = ctx
         self.types = [t for t in types if t != "none"]
         if lookup:
@@ -157,7 +192,8 @@ class SlotSpeculation:
         self.synth = synth_probs(synth_rates, synth_len, n_max)
         self.drafter = None
         if "draft-simple" in self.types:
-            self.drafter = DraftModel(ctx, draft_model, parallel=parallel, p_min=p_min, **draft_ctx_args)
+            self.drafter = DraftModel(ctx, draft_model, parallel=parallel, p_min=p_min, kv_unified=kv_unified,
+                                      **draft_ctx_args)
         self.n_cur = [n_draft] * parallel      # --lookup's adaptive draft length, per slot
         self.begun = [None] * parallel         # the job whose generation the n-gram drafters know, per slot
         self.step_drafts = {}                  # seq_id -> (the pending token's batch index, drafts, their indices)
@@ -177,7 +213,8 @@ class SlotSpeculation:
         finally:
             ctx.seq_rm(0, 0, -1)
 
-    def _draft(self, slot, n_max) -> list:
+    def _draft_cheap(self, slot, n_max) -> list:
+        """The n-gram drafters' draft (llama.cpp's, then --lookup), or []."""
         hist = slot.tokens            # the cache's tokens and, last, the pending one
         seq = slot.seq_id
         if self.ngram is not None:
@@ -188,40 +225,50 @@ class SlotSpeculation:
             if d:
                 self.from_ngram.add(seq)
                 return d
-        for t in self.others:
-            if t == "lookup":
-                d = lookup_draft(hist, min(n_max, self.n_cur[seq]))
-            else:
-                bias = getattr(slot.job.sampler, "params", {}).get("logit_bias")
-                d = self.drafter.draft(seq, hist, min(n_max, self.n_draft), bias)
-                d = d if len(d) >= self.n_draft_min else []       # as llama-server: too short, not worth it
-            if d:
-                return d[:n_max]
+        if "lookup" in self.others:
+            return lookup_draft(hist, min(n_max, self.n_cur[seq]))
         return []
 
     def add_drafts(self, batch, generating, room, n_ctx_slot):
         """Add each generating slot's drafts after everything else in batch (the outputs before them
-        keep their indices); generating: (slot, batch index of its pending token)."""
+        keep their indices); generating: (slot, batch index of its pending token).  The n-gram
+        drafters go first; the slots they leave without a draft ask the draft model, all at once."""
         self.step_drafts = {}
         self.from_ngram.clear()
+        found, want = [], []
         for slot, idx in generating:
             job = slot.job
             if not job.speculate or room <= 0:
                 continue
             # the cache keeps a free position, and a draft never outruns the answer's length
             n_max = min(room, n_ctx_slot - len(slot.tokens) - 1, job.max_tokens - job.completion_tokens - 1)
-            try:
-                drafts = self._draft(slot, n_max) if n_max > 0 else []
-            except (Alpaca2Error, ValueError):      # the draft model's context is full, say: no drafts
-                drafts = []
-                if self.drafter is not None:
-                    self.drafter.forget(slot.seq_id)
-            if not drafts:
+            if n_max <= 0:
                 continue
+            drafts = self._draft_cheap(slot, n_max)
+            if drafts:
+                found.append((slot, idx, drafts))
+                room -= len(drafts)
+            elif self.drafter is not None:             # room kept for the draft model's tokens
+                n = min(n_max, self.n_draft)
+                want.append((slot, idx, n))
+                room -= n
+        if want:
+            reqs = [(s.seq_id, s.tokens, n, getattr(s.job.sampler, "params", {}).get("logit_bias"))
+                    for s, _, n in want]
+            try:
+                got = self.drafter.draft_many(reqs)
+            except (Alpaca2Error, ValueError):     # the draft model's context is full, say: no drafts
+                got = {}
+                for s, _, _ in want:
+                    self.drafter.forget(s.seq_id)
+            for s, idx, _ in want:
+                d = got.get(s.seq_id, [])
+                if len(d) >= self.n_draft_min:     # as llama-server: too short, not worth it
+                    found.append((s, idx, d))
+        for slot, idx, drafts in found:
             pos = len(slot.tokens)
             idxs = [batch.add(t, pos + i, slot.seq_id, True) for i, t in enumerate(drafts)]
             self.step_drafts[slot.seq_id] = (idx, drafts, idxs)
-            room -= len(drafts)
 
     def verify(self, slot):
         """The slot's new tokens after the decode (its sampler's, drafts kept while they match), with

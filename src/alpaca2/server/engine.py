@@ -23,6 +23,7 @@ from alpaca2._core import Batch, Context, Model
 from alpaca2.errors import Alpaca2Error, ContextFullError
 from alpaca2.server import prompt_cache
 from alpaca2.server.embed_job import EmbedJob
+from alpaca2.server.event_queue import EventQueue
 from alpaca2.server.lora import LoraSet
 from alpaca2.server.prompt_cache import common_prefix, pick_slot
 from alpaca2.server.speculative import SlotSpeculation
@@ -45,7 +46,7 @@ class Job:
         self.strip_leading_space = strip_leading_space
         self.ignore_eos = ignore_eos
         self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events = EventQueue()
         self.cancelled = False          # set by the handler (client gone); read by the decode thread
         self.completion_tokens = 0
         self.cached_tokens = 0

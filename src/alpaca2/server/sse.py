@@ -37,3 +37,36 @@ class TextChunks:
         if start is None:
             start = self._index[index] = self._prefix + str(index) + self._middle
         return start + _dumps(text) + self._suffix
+
+
+BODY_SEND = "alpaca2.body_send"     # scope key: the send the Starlette app was given (streams.record sets it)
+_response_class = None
+
+
+def event_stream(chunks, headers=None):
+    """Starlette's StreamingResponse (text/event-stream) over ``chunks`` (str or bytes), whose
+    body messages go straight to the send the Starlette app was handed (scope[BODY_SEND]) instead
+    of through Starlette's own layers, which only forward them: one await a chunk, not four.  The
+    response start and the final empty body still pass every layer (they track whether a
+    response started)."""
+    global _response_class
+    if _response_class is None:
+        from starlette.responses import StreamingResponse
+
+        class EventStreamResponse(StreamingResponse):
+            body_send = None
+
+            async def __call__(self, scope, receive, send):
+                self.body_send = scope.get(BODY_SEND)
+                await super().__call__(scope, receive, send)
+
+            async def stream_response(self, send):
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                body_send = self.body_send or send
+                async for chunk in self.body_iterator:
+                    if not isinstance(chunk, (bytes, memoryview)):
+                        chunk = chunk.encode("utf-8")
+                    await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        _response_class = EventStreamResponse
+    return _response_class(chunks, media_type="text/event-stream", headers=headers)

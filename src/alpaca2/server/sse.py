@@ -39,16 +39,16 @@ class TextChunks:
         return start + _dumps(text) + self._suffix
 
 
-BODY_SEND = "alpaca2.body_send"     # scope key: the send the Starlette app was given (streams.record sets it)
+BODY_SEND = "alpaca2.body_send"     # scope key: where body chunks may go (app.py, streams.record set it)
 _response_class = None
 
 
 def event_stream(chunks, headers=None):
     """Starlette's StreamingResponse (text/event-stream) over ``chunks`` (str or bytes), whose
-    body messages go straight to the send the Starlette app was handed (scope[BODY_SEND]) instead
-    of through Starlette's own layers, which only forward them: one await a chunk, not four.  The
-    response start and the final empty body still pass every layer (they track whether a
-    response started)."""
+    body messages go straight to scope[BODY_SEND] (the server's send, or the stream recorder's
+    while a stream is recorded: alpaca2.server.streams) instead of through Starlette's and the
+    server's own layers, which only forward them (they act on the response start): one await a
+    chunk, not five.  The response start and the final empty body still pass every layer."""
     global _response_class
     if _response_class is None:
         from starlette.responses import StreamingResponse

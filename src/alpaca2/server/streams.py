@@ -176,7 +176,7 @@ class StreamSessions:
         the disconnect only once the stream is cancelled: DELETE, or a new stream on the id)."""
         conversation_id = _header(scope, HEADER)
         if scope["method"] != "POST" or not conversation_id:
-            scope[BODY_SEND] = send
+            scope.setdefault(BODY_SEND, send)       # (the server's own send, when it set one)
             return await app(scope, receive, send)
         session = None
         stopped = asyncio.Event()

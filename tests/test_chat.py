@@ -131,6 +131,18 @@ def test_text_stream_stop_strings_across_pieces_never_leak():
     assert s2.finish() == ""
 
 
+@pytest.mark.parametrize("stop", [[], ["###"]])
+def test_text_stream_text_is_everything_shown(stop):
+    """.text is the concatenation of what push/finish returned (with and without stop strings)."""
+    s = TextStream(stop=stop, strip_leading_space=True)
+    data = " héllo, 床前 world#".encode()
+    shown = [s.push(data[i:i + 2]) for i in range(0, len(data), 2)]
+    assert s.text == "".join(shown)
+    shown.append(s.finish())
+    assert s.text == "".join(shown) == "héllo, 床前 world#"
+    assert s.text == s.text
+
+
 def test_stream_of_byte_fallback_chinese_has_no_replacement_char(model):
     text = "𠀀𪚥龘靐齉 床前明月光，疑是地上霜。"   # rare characters the tiny vocabulary spells in bytes
     ids = tok(model, text)

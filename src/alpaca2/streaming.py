@@ -12,21 +12,34 @@ class TextStream:
 
     def __init__(self, stop: Sequence[str] = (), strip_leading_space: bool = False):
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decode = self._decoder.decode
         self.stop = [s for s in stop if s]
         self._pending = ""
         self._strip = strip_leading_space
         self.stopped = False
-        self.text = ""
+        self._parts: list[str] = []       # the text so far, joined when read (no copy per token)
+
+    @property
+    def text(self) -> str:
+        """All the text released so far."""
+        parts = self._parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
 
     def push(self, piece: bytes) -> str:
         """Add a token's bytes; return the text that is safe to show now."""
         if self.stopped:
             return ""
-        new = self._decoder.decode(piece)
+        new = self._decode(piece)
         if self._strip and new:
             self._strip = False           # strip one leading space, once
             if new.startswith(" "):
                 new = new[1:]
+        if not self.stop:                 # nothing to cut or hold back: all of it is safe
+            if new:
+                self._parts.append(new)
+            return new
         return self._release(self._pending + new, final=False)
 
     def finish(self) -> str:
@@ -58,5 +71,6 @@ class TextStream:
                         keep = max(keep, k)
                         break
             out, self._pending = (buf[:-keep], buf[-keep:]) if keep else (buf, "")
-        self.text += out
+        if out:
+            self._parts.append(out)
         return out

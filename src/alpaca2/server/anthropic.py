@@ -16,6 +16,7 @@ import uuid
 from alpaca2.errors import Alpaca2Error
 from alpaca2.server.tools import tool_calls_json
 from alpaca2.server.validation import APIError, bad, number, read_json
+from alpaca2.server.sse import event_stream
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 # fields passed on to the OpenAI-shaped request as they are (logit_bias, seed: alpaca2's extension)
@@ -210,7 +211,6 @@ class AnthropicRoutes:
             return STOP_REASONS.get(job.finish_reason, "end_turn"), None
 
         if stream:
-            from starlette.responses import StreamingResponse
 
             def event(kind, data):
                 return f"event: {kind}\ndata: " + json.dumps(dict(data, type=kind), ensure_ascii=False) + "\n\n"
@@ -232,8 +232,7 @@ class AnthropicRoutes:
                         yield event("error", {"error": {"type": "api_error", "message": ev[2]}})
                         return
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = await self.collect(request, jobs)
         if results is None:
             from starlette.responses import Response
@@ -280,7 +279,6 @@ class AnthropicRoutes:
             return self._json(dict(head, content=blocks, stop_reason=reason, stop_sequence=seq,
                                    usage=usage(job.completion_tokens)))
 
-        from starlette.responses import StreamingResponse
         parser = self.formatter.stream(res)
 
         def event(kind, data):
@@ -349,5 +347,4 @@ class AnthropicRoutes:
                     yield event("error", {"error": {"type": "api_error", "message": ev[2]}})
                     return
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -38,6 +38,7 @@ from alpaca2.server.llama_api import LlamaRoutes
 from alpaca2.server.lora import LoraSet
 from alpaca2.server.openai_api import OpenAIRoutes
 from alpaca2.server.sleep import SleepWatch, reads_state
+from alpaca2.server.sse import BODY_SEND
 from alpaca2.server.streams import StreamSessions
 from alpaca2.server.tools import ToolChat
 from alpaca2.server.validation import APIError
@@ -144,6 +145,7 @@ class Server(OpenAIRoutes, ToolChat, LlamaRoutes, AnthropicRoutes, Generation):
                 if cors:
                     message = dict(message, headers=list(message.get("headers", [])) + cors)
             await send(message)
+        scope[BODY_SEND] = send           # streamed body chunks: send_status only looks at the start
         try:
             if scope["method"] == "OPTIONS":          # a CORS preflight: no key needed, no body
                 await send_status({"type": "http.response.start", "status": 200,

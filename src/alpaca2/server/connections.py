@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import time
 
+from alpaca2.server import chunked_body
+
 FD_RESERVE = 64           # descriptors kept for the model, threads, logs and the listening sockets
 
 
@@ -108,6 +110,8 @@ def guarded_protocol(header_timeout: float, max_connections: int):
             super().handle_events()
             if self.cycle is not cycle:           # a whole request head arrived
                 self._disarm()
+                if self.cycle is not None:
+                    chunked_body.install(self.cycle)     # its chunked body framed without h11's state machine
 
         def on_response_complete(self):
             super().on_response_complete()

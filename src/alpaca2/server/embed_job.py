@@ -1,7 +1,7 @@
 """A request to embed or rerank, as the embedding thread sees it (alpaca2.server.engine runs it)."""
 from __future__ import annotations
 
-import asyncio
+from alpaca2.server.event_queue import EventQueue
 
 
 class EmbedJob:
@@ -15,7 +15,7 @@ class EmbedJob:
         self.rerank = rerank
         self.index = 0
         self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events = EventQueue()
         self.cancelled = False
 
     def cancel(self):

@@ -12,6 +12,7 @@ from alpaca2.errors import Alpaca2Error
 from alpaca2.server import rerank, slots
 from alpaca2.server.engine import RATE_WINDOW_S
 from alpaca2.server.openai_api import sse
+from alpaca2.server.sse import event_stream
 from alpaca2.server.validation import APIError, bad, number, read_json
 from alpaca2.templates import ModelTemplate
 
@@ -269,7 +270,6 @@ class LlamaRoutes:
             jobs.append(job)
         self.submit(jobs)
         if stream:
-            from starlette.responses import StreamingResponse
 
             async def events():
                 async for index, ev in self.events_of(jobs):
@@ -293,8 +293,7 @@ class LlamaRoutes:
                         yield sse(self.error_of(ev).body())
                         return
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = await self.collect(request, jobs)
         if results is None:
             from starlette.responses import Response

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import time
 import uuid
@@ -17,13 +16,11 @@ from alpaca2.errors import Alpaca2Error
 from alpaca2.server import responses
 from alpaca2.server.engine import EmbedJob
 from alpaca2.server.generation import MAX_CHOICES
+from alpaca2.server.sse import TextChunks, event_stream, sse
 from alpaca2.server.validation import APIError, bad, check_text, number, read_json
 
 ROLES = ("system", "user", "assistant")
-
-
-def sse(data) -> str:
-    return "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
+__all__ = ["OpenAIRoutes", "chat_logprobs", "legacy_logprobs", "sse"]
 
 
 def chat_logprobs(probs):
@@ -199,9 +196,11 @@ class OpenAIRoutes:
         want_probs = jobs[0].n_probs > 0
         per_token_timings = bool(body.get("timings_per_token"))
         if stream:
-            from starlette.responses import StreamingResponse
+            fast = None if per_token_timings else TextChunks(head, chat)   # text-only chunks, prebuilt
 
             def chunk(index, text=None, finish=None, role=False, probs=None):
+                if fast is not None and text and finish is None and not role and not (want_probs and probs):
+                    return fast.text(index, text)
                 if chat:
                     delta = {"role": "assistant", "content": None} if role else ({"content": text} if text else {})
                     lp = chat_logprobs(probs) if want_probs and probs else None
@@ -239,8 +238,7 @@ class OpenAIRoutes:
                     yield sse(dict(head, choices=[], usage=self._usage(jobs), timings=jobs[0].timings))
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         results = await self.collect(request, jobs)
         if results is None:

@@ -13,6 +13,7 @@ import uuid
 
 from alpaca2.server import inprocess
 from alpaca2.server.validation import APIError, bad, read_json
+from alpaca2.server.sse import event_stream
 
 _TEXT_IN = ("input_text", "output_text", "text")
 
@@ -94,10 +95,9 @@ async def responses(server, request):
         if "timings" in d:
             out["timings"] = d["timings"]
         return server._json(out)
-    from starlette.responses import StreamingResponse
     chat = dict(chat, stream=True, stream_options={"include_usage": True})
-    return StreamingResponse(_events(server, chat, headers, resp_id, msg_id, model, created),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return event_stream(_events(server, chat, headers, resp_id, msg_id, model, created),
+                        headers={"Cache-Control": "no-cache"})
 
 
 async def _events(server, chat, headers, resp_id, msg_id, model, created):

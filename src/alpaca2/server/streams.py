@@ -27,6 +27,8 @@ import json
 import re
 import time
 
+from alpaca2.server.sse import BODY_SEND
+
 SESSION_MAX_BYTES = 4 << 20        # llama-server's STREAM_SESSION_MAX_BYTES
 SESSION_TTL_S = 300.0              # llama-server's STREAM_SESSION_TTL_SECONDS, from the end of the stream
 MAX_SESSIONS = 64                  # ours: at most 64 x 4 MiB kept
@@ -174,6 +176,7 @@ class StreamSessions:
         the disconnect only once the stream is cancelled: DELETE, or a new stream on the id)."""
         conversation_id = _header(scope, HEADER)
         if scope["method"] != "POST" or not conversation_id:
+            scope.setdefault(BODY_SEND, send)       # (the server's own send, when it set one)
             return await app(scope, receive, send)
         session = None
         stopped = asyncio.Event()
@@ -213,6 +216,7 @@ class StreamSessions:
                     state["complete"] = True
             await send(message)
 
+        scope[BODY_SEND] = recorder_send
         try:
             await app(scope, recorder_receive, recorder_send)
             if state["started"] and not state["complete"]:     # cancelled mid-stream: end it cleanly

@@ -13,6 +13,7 @@ import json
 from alpaca2._core import Sampler, SamplerChain
 from alpaca2.errors import Alpaca2Error
 from alpaca2.server.reasoning_budget import ReasoningBudget, budget_fields, control_of, with_budget
+from alpaca2.server.sse import event_stream
 from alpaca2.server.validation import bad, check_text
 
 TOOL_CHOICES = ("auto", "none", "required")
@@ -261,7 +262,6 @@ class ToolChat:
                 out["__verbose"] = {"prompt": self.model.detokenize(jobs[0].tokens, special=True)}
             return self._json(out)
 
-        from starlette.responses import StreamingResponse
         parsers = {job.index: self.formatter.stream(res) for job in jobs}
         texts = {job.index: [] for job in jobs}
 
@@ -302,8 +302,7 @@ class ToolChat:
             finally:
                 self.live_completions.pop(head["id"], None)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def chat_control(self, request):
         """llama-server's POST /v1/chat/completions/control {"id", "action": "reasoning_end"}: end a

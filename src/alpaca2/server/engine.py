@@ -373,7 +373,7 @@ class Engine:
         jobs = [s.job for s in self.slots if s.job is not None] + list(self._waiting) + list(self._embed_jobs)
         for job in jobs:
             self._post([(job, ("error", 503, "the server shut down before this request finished"))])
-        self._poster.close()            # every event is with its loop when stop() returns
+        self._poster.flush()            # every event is with its loop when stop() returns
         if not self._thread.is_alive():
             self._close_contexts()
         if self._emb_thread is None or not self._emb_thread.is_alive():

@@ -39,18 +39,13 @@ class EventPoster:
         self._queue = queue.SimpleQueue()
         self._thread = None
         self._start_lock = threading.Lock()
-        self._closed = False
 
     def post(self, items):
-        """Queue (job, event) pairs for their loops; returns at once, holding on to the GIL.
-        After close(), they are handed over right here."""
+        """Queue (job, event) pairs for their loops; returns at once, holding on to the GIL."""
         if not items:
             return
-        if self._thread is None or self._closed:
+        if self._thread is None:
             with self._start_lock:
-                if self._closed:
-                    post_now(items)
-                    return
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="alpaca2-events", daemon=True)
                     self._thread.start()
@@ -60,8 +55,6 @@ class EventPoster:
         get = self._queue.get
         while True:
             items = get()
-            if items is None:                           # close()
-                return
             if isinstance(items, threading.Event):      # flush(): everything before it was handed over
                 items.set()
             else:
@@ -74,21 +67,3 @@ class EventPoster:
         done = threading.Event()
         self._queue.put(done)
         return done.wait(timeout)
-
-    def close(self, timeout: float = 10.0):
-        """Hand over what was posted and end the thread; later posts are handed over at once."""
-        with self._start_lock:
-            self._closed = True
-            thread = self._thread
-        if thread is not None:
-            self._queue.put(None)
-            thread.join(timeout)
-        while True:                 # (posted while it closed)
-            try:
-                items = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(items, threading.Event):
-                items.set()
-            elif items is not None:
-                post_now(items)

@@ -24,7 +24,6 @@ from alpaca2._core import Batch, Context, Model
 from alpaca2.errors import Alpaca2Error, ContextFullError
 from alpaca2.server import prompt_cache
 from alpaca2.server.embed_job import EmbedJob
-from alpaca2.server.event_poster import EventPoster
 from alpaca2.server.event_queue import EventQueue
 from alpaca2.server.lora import LoraSet
 from alpaca2.server.prompt_cache import common_prefix, pick_slot
@@ -197,7 +196,6 @@ class Engine:
         self.rejected_total = 0
         self.cancelled_total = 0
         self._recent = collections.deque()       # (time, completion tokens) per step
-        self._poster = EventPoster()             # events to the loops, from a thread of its own
         self._warm_up()
         self._thread = threading.Thread(target=self._run, name="alpaca2-decode", daemon=True)
         self._thread.start()
@@ -373,7 +371,6 @@ class Engine:
         jobs = [s.job for s in self.slots if s.job is not None] + list(self._waiting) + list(self._embed_jobs)
         for job in jobs:
             self._post([(job, ("error", 503, "the server shut down before this request finished"))])
-        self._poster.flush()            # every event is with its loop when stop() returns
         if not self._thread.is_alive():
             self._close_contexts()
         if self._emb_thread is None or not self._emb_thread.is_alive():
@@ -382,9 +379,17 @@ class Engine:
                     c.close()
 
     # -- the decode thread ---------------------------------------------------------------------
-    def _post(self, items):
-        """Hand (job, event) pairs to their event loops (through the poster thread: event_poster.py)."""
-        self._poster.post(items)
+    @staticmethod
+    def _post(items):
+        """Hand (job, event) pairs to their event loops, one callback per loop."""
+        by_loop = {}
+        for job, ev in items:
+            by_loop.setdefault(job.loop, []).append((job, ev))
+        for loop, evs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, evs)
+            except RuntimeError:        # the loop is closed: nobody is listening any more
+                pass
 
     def _run(self):
         batch = Batch(self.ctx.n_batch, 1)
@@ -734,3 +739,9 @@ class Engine:
             self._post([(job, ("error", 500, f"embedding failed: {e}"))])
             return
         self._post([(job, ("embeddings", out))])
+
+
+def _deliver(items):
+    for job, ev in items:
+        job.events.put_nowait((job.index, ev))
+

@@ -66,6 +66,8 @@ class Job:
         self.generated: list[int] = []
         self._toks: list[int] = []       # sampled since the last text event
         self._probs: list[dict] = []
+        self.coalesce = False           # set by a handler that reads the whole answer: text events are held
+        self.held = None                # (texts, tokens, logprobs) held back, with coalesce
         self.index = 0                  # the choice (n > 1 share one events queue)
         self.seed = None
         self.t_submit = time.monotonic()
@@ -381,9 +383,24 @@ class Engine:
     # -- the decode thread ---------------------------------------------------------------------
     @staticmethod
     def _post(items):
-        """Hand (job, event) pairs to their event loops, one callback per loop."""
+        """Hand (job, event) pairs to their event loops, one callback per loop.  A job whose handler
+        only wants the whole answer (coalesce) gets its text in one event, just before its next other
+        event (its end): its loop is not woken for every token."""
         by_loop = {}
         for job, ev in items:
+            if getattr(job, "coalesce", False):
+                held = job.held
+                if ev[0] == "text":
+                    if held is None:
+                        job.held = ([ev[1]], list(ev[2]), list(ev[3]))
+                    else:
+                        held[0].append(ev[1])
+                        held[1].extend(ev[2])
+                        held[2].extend(ev[3])
+                    continue
+                if held is not None:
+                    job.held = None
+                    by_loop.setdefault(job.loop, []).append((job, ("text", "".join(held[0]), held[1], held[2])))
             by_loop.setdefault(job.loop, []).append((job, ev))
         for loop, evs in by_loop.items():
             try:

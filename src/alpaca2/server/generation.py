@@ -292,6 +292,8 @@ class Generation:
     async def collect(self, request, jobs):
         """Every job's text, tokens, logprobs and finish reason; None when the client went away."""
         results = [{"text": [], "tokens": [], "probs": [], "finish": None} for _ in jobs]
+        for job in jobs:             # the text comes whole with the end, not a wake-up a token
+            job.coalesce = True
         gone = asyncio.ensure_future(wait_disconnect(request))
         events = self.events_of(jobs)
         try:

@@ -273,3 +273,30 @@ def test_draft_model_drafts_slots_together_as_one_by_one(tiny_path, other_path, 
         alone.close()
         target.close()
     assert n_total > 20
+
+
+def test_a_history_llama_cpp_refuses_means_no_drafts_not_a_failed_step(tiny_path):
+    """If a slot's tokens ever shrank under llama.cpp's n-gram drafters (ngram-map asserts on that),
+    the step goes on without drafts for it and the drafters start that slot over."""
+    import types
+
+    import alpaca2
+    from alpaca2.server.speculative import SlotSpeculation
+    model = alpaca2.Model(tiny_path)
+    ctx = alpaca2.Context(model, n_ctx=512, n_seq_max=1)
+    spec = SlotSpeculation(ctx, types=["ngram-map-k"], parallel=1, ngram=dict(map_k_size_n=2, map_k_size_m=4))
+    job = types.SimpleNamespace(speculate=True, max_tokens=100, completion_tokens=0)
+    slot = types.SimpleNamespace(seq_id=0, job=job, tokens=[5, 6, 7, 8] * 10)
+    batch = alpaca2.Batch(64, 1)
+    try:
+        spec.add_drafts(batch, [(slot, 0)], 32, 512)
+        assert len(batch) > 0                   # the repeat drafts
+        slot.tokens = slot.tokens[:12]          # shorter than llama.cpp last saw
+        batch.clear()
+        spec.add_drafts(batch, [(slot, 0)], 32, 512)
+        assert len(batch) == 0 and spec.begun[0] is None
+        spec.add_drafts(batch, [(slot, 0)], 32, 512)       # begun again from these tokens
+        assert spec.begun[0] is job
+    finally:
+        spec.close()
+        ctx.close()

@@ -249,7 +249,11 @@ class SlotSpeculation:
             n_max = min(room, n_ctx_slot - len(slot.tokens) - 1, job.max_tokens - job.completion_tokens - 1)
             if n_max <= 0:
                 continue
-            drafts = self._draft_cheap(slot, n_max)
+            try:
+                drafts = self._draft_cheap(slot, n_max)
+            except ValueError:           # (llama.cpp's drafters refused this history: they start over)
+                self.begun[slot.seq_id] = None
+                drafts = []
             if drafts:
                 found.append((slot, idx, drafts))
                 room -= len(drafts)

@@ -198,9 +198,20 @@ class Engine:
         self.rejected_total = 0
         self.cancelled_total = 0
         self._recent = collections.deque()       # (time, completion tokens) per step
-        self._warm_up()
-        self._thread = threading.Thread(target=self._run, name="alpaca2-decode", daemon=True)
+        # the warm-up decode runs on the decode thread: every graph of the slots' context is computed
+        # by one thread, so libgomp keeps one pool of workers; a second pool (the warm-up's on this
+        # thread, say) makes more OpenMP threads than cores and libgomp then barely spins before it
+        # sleeps, which cost 4-5% of tg at -t = cores
+        warmed = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run_warm, args=(warmed, failed), name="alpaca2-decode",
+                                        daemon=True)
         self._thread.start()
+        warmed.wait()
+        if failed:
+            self._thread.join()
+            self._close_contexts()
+            raise failed[0]
 
     def _make_contexts(self, flash_attn="auto"):
         """The decode context (all slots: a KV-cache stream each, or one shared with -kvu) and, with
@@ -268,16 +279,20 @@ class Engine:
             self._asleep = False
         return True
 
-    def _warm_up(self):
-        """Tokenize and decode a few tokens (then forget them), before the server listens: a model
-        that fails here never reports healthy (llama-server warms up the same way)."""
+    def _run_warm(self, warmed, failed):
+        """The decode thread: first tokenize and decode a few tokens (then forget them), before the
+        server listens, so that a model that fails here never reports healthy (llama-server warms up
+        the same way); then the decode loop."""
         try:
             ids = self.model.tokenize("Hello", add_bos=True, special=False)[:8] or [max(self.model.bos, 0)]
             self.ctx.decode(ids, seq_id=0)
             self.ctx.seq_rm(0, 0, -1)
-        except BaseException:
-            self._close_contexts()
-            raise
+        except BaseException as e:
+            failed.append(e)
+            return
+        finally:
+            warmed.set()
+        self._run()
 
     # -- called from the event loop ------------------------------------------------------------
     def submit(self, job) -> bool:
@@ -364,8 +379,9 @@ class Engine:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
-        if self._emb_thread is not None:
-            self._emb_thread.join(timeout)
+        emb_thread = self._emb_thread
+        if emb_thread is not None:
+            emb_thread.join(timeout)
         gone = APIError(503, "the server shut down before this slot action ran", type="server_error")
         self._run_actions([(seq_id, lambda slot: (_ for _ in ()).throw(gone), future)
                            for seq_id, _, future in self._actions])
@@ -375,7 +391,7 @@ class Engine:
             self._post([(job, ("error", 503, "the server shut down before this request finished"))])
         if not self._thread.is_alive():
             self._close_contexts()
-        if self._emb_thread is None or not self._emb_thread.is_alive():
+        if emb_thread is None or not emb_thread.is_alive():
             for c in (self._emb_ctx, self._rerank_ctx):
                 if c is not None:
                     c.close()
@@ -473,12 +489,14 @@ class Engine:
                 self._post(events)
 
     def _run_embeddings(self):
-        """The embedding thread: its own context, so embeddings never hold up the decode steps."""
+        """The embedding thread: its own context, so embeddings never hold up the decode steps.  It
+        ends when no embedding job waits (the next one starts it again): with it go its OpenMP workers,
+        which would otherwise count against the cores and make the decode thread's workers sleep
+        instead of spin between graphs (libgomp's rule when it has more threads than cores)."""
         while True:
             with self._cond:
-                while not (self._stopping or self._embed_jobs):
-                    self._cond.wait()
-                if self._stopping:
+                if self._stopping or not self._embed_jobs:
+                    self._emb_thread = None
                     return
                 job = self._embed_jobs.popleft()
                 self._emb_running = True

@@ -183,6 +183,15 @@ def test_bad_lookup_cache_is_one_line(tiny_path, tmp_path):
         "(record 0: no token count)"
 
 
+def test_a_recurrent_model_refuses_speculative_decoding_in_one_line(mamba_path):
+    """llama-server's check (the cache must drop rejected drafts), made by the warm-up on the decode
+    thread: exit 1 with one line, nothing served."""
+    r = subprocess.run([sys.executable, "-m", "alpaca2", "serve", "-m", str(mamba_path), "--port", "0",
+                        "--spec-type", "ngram-simple"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "speculative decoding needs a KV cache that can drop its last tokens" in r.stderr.strip().splitlines()[-1]
+
+
 def test_synthetic_acceptance_rates():
     """--spec-synth-len L: rates p, p^2 ... whose sum is L - 1 (the mean kept drafts); the chances
     per draft are the rates' ratios, as llama-server's."""

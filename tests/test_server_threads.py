@@ -12,7 +12,8 @@ from conftest import run_python
 pytest.importorskip("starlette")
 
 
-def test_one_openmp_pool_for_decoding_and_none_left_by_embeddings(tiny_path):
+@pytest.mark.parametrize("spec", [(), ("ngram-simple",)])
+def test_one_openmp_pool_for_decoding_and_none_left_by_embeddings(tiny_path, spec):
     code = textwrap.dedent(f"""
         import os, time
         import alpaca2
@@ -29,7 +30,7 @@ def test_one_openmp_pool_for_decoding_and_none_left_by_embeddings(tiny_path):
 
         model = alpaca2.Model({str(tiny_path)!r})
         base = threads()
-        engine = Engine(model, n_ctx=256, parallel=2, n_batch=64, n_threads=2)
+        engine = Engine(model, n_ctx=256, parallel=2, n_batch=64, n_threads=2, spec_types={spec!r})
         gen = Job([1, 5, 9], max_tokens=4, sampler=Sampler().add("greedy"), stop=[], strip_leading_space=False,
                   ignore_eos=True, loop=Loop())
         assert engine.submit(gen)

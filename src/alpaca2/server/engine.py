@@ -287,6 +287,8 @@ class Engine:
             ids = self.model.tokenize("Hello", add_bos=True, special=False)[:8] or [max(self.model.bos, 0)]
             self.ctx.decode(ids, seq_id=0)
             self.ctx.seq_rm(0, 0, -1)
+            if self.spec is not None:
+                self.spec.check_partial_removal()
         except BaseException as e:
             failed.append(e)
             return

@@ -187,7 +187,6 @@ class SlotSpeculation:
         if lookup:
             self.types.append("lookup")
         self.n_draft, self.n_draft_min = n_draft, max(1, min(n_draft_min, n_draft))
-        self._check_partial_removal()
         self.ngram = None                     # llama.cpp's n-gram drafters, one table set per slot
         ngram_types = [t for t in self.types if t in NGRAM_SPEC_TYPES]
         if ngram_types:
@@ -205,9 +204,10 @@ class SlotSpeculation:
         self.from_ngram = set()                # seq_ids whose drafts this step are the n-gram drafters'
         self.stats = stats if stats is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
 
-    def _check_partial_removal(self):
+    def check_partial_removal(self):
         """llama-server's check: a cache that cannot drop its last positions (a recurrent model's)
-        cannot take back rejected drafts."""
+        cannot take back rejected drafts.  (The engine calls it on its decode thread, in the warm-up:
+        the context's graphs are computed on that thread only.)"""
         ctx = self.ctx
         ctx.decode([0, 0], seq_id=0)
         try:

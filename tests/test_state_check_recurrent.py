@@ -209,3 +209,53 @@ def test_a_truncated_or_damaged_state_file_is_refused(kind_model, tmp_path):
         with pytest.raises(StateError, match="holds 3 recurrent states"):
             ctx.load_state_file(tmp_path / "t.bin")
         assert ctx.load_state_file(tmp_path / "s.bin") == [1, 2]
+
+
+@pytest.mark.parametrize("n_seq_max", [1, 2])
+def test_a_checkpoint_takes_a_sequence_back(kind_model, n_seq_max):
+    """checkpoint_seq / restore_seq (llama-server's context checkpoints): a recurrent state cannot
+    drop its last positions, but put back from a checkpoint it continues exactly as before; a
+    hybrid model's attention cells after the checkpoint go too.  Other sequences are untouched."""
+    kind, model = kind_model
+    with alpaca2.Context(model, n_ctx=64, n_batch=32, n_threads=2, n_seq_max=n_seq_max) as ctx:
+        fill(ctx, model, n_seq_max)
+        seq = n_seq_max - 1
+        n0 = len(model.tokenize("床前明月光 hello" * (seq + 1), add_bos=True))
+        with pytest.raises(ValueError):
+            ctx.seq_rm(seq, n0 - 1, -1)            # what the checkpoint is for
+        ck = ctx.checkpoint_seq(seq)
+        assert (ck.seq_id, ck.n_pos, ck.context) == (seq, n0, ctx) and ck.nbytes > 0
+        ctx.decode([5, 6, 7], seq_id=seq)
+        want = ctx.logits.copy()
+        ctx.decode([9, 9], seq_id=seq)            # a draft, say, that was wrong
+        assert ctx.restore_seq(ck) == n0
+        ctx.decode([5, 6, 7], seq_id=seq)
+        assert np.array_equal(ctx.logits, want)
+        assert ctx.restore_seq(ck) == n0           # again: a checkpoint is not used up
+        if n_seq_max == 2:                        # the other sequence goes on as if nothing happened
+            ctx.decode([5], seq_id=0)
+            with alpaca2.Context(model, n_ctx=64, n_batch=32, n_threads=2, n_seq_max=2) as fresh:
+                fill(fresh, model, 2)
+                fresh.decode([5], seq_id=0)
+                assert np.array_equal(ctx.logits, fresh.logits)
+
+
+def test_checkpoints_cannot_be_forged_or_moved(mamba_path):
+    """Only the context that took a checkpoint restores it (its bytes are never checked), and
+    nothing else makes one."""
+    with alpaca2.Model(mamba_path) as model:
+        with alpaca2.Context(model, n_ctx=64, n_threads=1) as a, alpaca2.Context(model, n_ctx=64, n_threads=1) as b:
+            a.decode([1, 5, 9])
+            ck = a.checkpoint_seq(0)
+            with pytest.raises(ValueError, match="another context"):
+                b.restore_seq(ck)
+            with pytest.raises(TypeError):
+                alpaca2._core.SeqCheckpoint()
+            with pytest.raises(TypeError):
+                a.restore_seq(b"\0" * ck.nbytes)
+            with pytest.raises(AttributeError):
+                ck.n_pos = 0
+            with pytest.raises(ValueError):
+                a.checkpoint_seq(3)                 # no such sequence
+        with pytest.raises(alpaca2.errors.Alpaca2Error):
+            a.restore_seq(ck)                       # the context is closed

@@ -60,6 +60,13 @@ cdef class Context:
     cdef int _decode_tokens(self, const llama_token * tokens, int n, int seq_id, bint all_logits) except -1
 
 
+cdef class SeqCheckpoint:
+    cdef readonly Context context     # the only context that may restore it
+    cdef readonly int seq_id
+    cdef readonly int n_pos           # positions the sequence held when it was taken
+    cdef bytes _data                  # llama.cpp's partial state of the sequence, never handed out
+
+
 cdef class SamplerChain:
     cdef llama_sampler * ptr
     cdef bint owner

@@ -336,6 +336,13 @@ cdef extern from "llama.h" nogil:
     size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id)
     size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size,
                                     llama_seq_id dest_seq_id)
+    ctypedef uint32_t llama_state_seq_flags
+    enum: LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+    size_t llama_state_seq_get_size_ext(llama_context * ctx, llama_seq_id seq_id, llama_state_seq_flags flags)
+    size_t llama_state_seq_get_data_ext(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id,
+                                        llama_state_seq_flags flags)
+    size_t llama_state_seq_set_data_ext(llama_context * ctx, const uint8_t * src, size_t size,
+                                        llama_seq_id dest_seq_id, llama_state_seq_flags flags)
 
     llama_batch llama_batch_get_one(llama_token * tokens, int32_t n_tokens)
     llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max)

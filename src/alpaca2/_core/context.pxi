@@ -660,6 +660,52 @@ cdef class Context:
             # the last decode's outputs (other sequences') stay valid: llama.cpp leaves them alone
             return <int64_t>llama_memory_seq_pos_max(self.mem, s) + 1
 
+    # -- one sequence's checkpoint (llama-server's context checkpoints) ---------------------------
+    def checkpoint_seq(self, seq_id=0):
+        """A checkpoint of sequence seq_id: its partial state (llama.cpp's PARTIAL_ONLY: the recurrent
+        state of a recurrent or hybrid model), which restore_seq() puts back.  This is how a cache
+        that cannot drop its last positions goes back (llama-server's context checkpoints)."""
+        cdef size_t size, n
+        cdef uint8_t * dst
+        cdef int s
+        cdef SeqCheckpoint ck
+        with self._lock:
+            self._check()
+            self._check_seq(seq_id)
+            s = seq_id
+            size = llama_state_seq_get_size_ext(self.ptr, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+            data = PyBytes_FromStringAndSize(NULL, size)
+            dst = <uint8_t *>PyBytes_AS_STRING(data)
+            with nogil:
+                n = llama_state_seq_get_data_ext(self.ptr, dst, size, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+            n_pos = <int64_t>llama_memory_seq_pos_max(self.mem, s) + 1
+        if n != size:
+            raise StateError(f"could not checkpoint sequence {seq_id} ({n} of {size} bytes)")
+        ck = SeqCheckpoint.__new__(SeqCheckpoint)
+        ck.context, ck.seq_id, ck.n_pos, ck._data = self, seq_id, n_pos, data
+        return ck
+
+    def restore_seq(self, SeqCheckpoint checkpoint not None):
+        """Put back a checkpoint this context took (checkpoint_seq): the sequence is as it was then,
+        its later positions gone from the rest of its cache too.  Returns the positions it holds.  The
+        bytes are llama.cpp's own, for this very context, so they are not checked again; on a failure
+        the sequence is left empty."""
+        cdef size_t n
+        cdef int s = checkpoint.seq_id
+        cdef bytes data = checkpoint._data
+        cdef const uint8_t * src = <const uint8_t *>PyBytes_AS_STRING(data)
+        cdef size_t size = len(data)
+        if checkpoint.context is not self:
+            raise ValueError("the checkpoint was taken by another context")
+        with self._lock:
+            self._check()
+            with nogil:
+                n = llama_state_seq_set_data_ext(self.ptr, src, size, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+            if n == 0 or not llama_memory_seq_rm(self.mem, s, checkpoint.n_pos, -1):
+                llama_memory_seq_rm(self.mem, s, -1, -1)
+                raise StateError(f"could not restore the checkpoint of sequence {s}")
+            return <int64_t>llama_memory_seq_pos_max(self.mem, s) + 1
+
     def perf(self):
         """llama.cpp's own timings for this context (ms and counts)."""
         cdef llama_perf_context_data d
@@ -674,3 +720,18 @@ cdef class Context:
         with self._lock:
             self._check()
             llama_perf_context_reset(self.ptr)
+
+
+cdef class SeqCheckpoint:
+    """A sequence's partial state, from Context.checkpoint_seq(); only that context restores it
+    (Context.restore_seq).  It cannot be made any other way, so its bytes need no check."""
+
+    def __init__(self):
+        raise TypeError("a SeqCheckpoint comes from Context.checkpoint_seq()")
+
+    @property
+    def nbytes(self):
+        return len(self._data)
+
+    def __repr__(self):
+        return f"<SeqCheckpoint seq_id={self.seq_id} n_pos={self.n_pos} {len(self._data)} bytes>"

@@ -104,3 +104,33 @@ def test_without_a_save_path_slot_actions_are_not_supported(tiny_path):
         assert r.status_code == 501 and "--slot-save-path" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("arch", ["mamba", "hybrid"])
+def test_a_recurrent_slot_decodes_a_changed_prompt_again(arch, mamba_path, hybrid_path):
+    """A recurrent state is kept whole or not at all: a slot's next prompt that shares only a prefix
+    with what it holds is decoded again from the start (it was a 500: the cache refused to drop its
+    last positions).  Greedy answers equal a fresh server's."""
+    path = {"mamba": mamba_path, "hybrid": hybrid_path}[arch]
+    prompts = ["the cat sat on the mat", "the cat sat on a hat", "the cat sat on the mat", "the cat"]
+    body = {"n_predict": 12, "temperature": 0, "logit_bias": NO_EOS, "return_tokens": True}
+
+    def ask(server, prompt):
+        r = httpx.post(server.url + "/completion", json=dict(body, prompt=prompt), timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    s = ServerProcess(path, "-np", "1", "-c", "256")
+    try:
+        reused = [ask(s, p) for p in prompts]
+    finally:
+        s.stop()
+    fresh = []
+    for p in prompts:                    # each prompt in a new server: nothing to reuse
+        s = ServerProcess(path, "-np", "1", "-c", "256")
+        try:
+            fresh.append(ask(s, p))
+        finally:
+            s.stop()
+    assert [r["timings"]["cache_n"] for r in reused][1:3] == [0, 0]     # only a prefix in common: again
+    assert [r["tokens"] for r in reused] == [r["tokens"] for r in fresh]

@@ -513,10 +513,15 @@ class Engine:
         if self.prompt_cache is not None:       # may load a cached prompt that suits job better
             self.prompt_cache.before_start(self.ctx, slot, job.tokens, job.id_slot >= 0)
         common = min(common_prefix(slot.tokens, job.tokens), len(job.tokens) - 1)
-        self.ctx.seq_rm(slot.seq_id, common, -1)
+        try:
+            self.ctx.seq_rm(slot.seq_id, common, -1)
+        except ValueError:          # a recurrent state is kept whole or not at all: the prompt is decoded again
+            self.ctx.seq_rm(slot.seq_id, 0, -1)
+            common = 0
         del slot.tokens[common:]
         slot.prompt_pos = common
         slot.pending = None
+        slot.replay = []
         slot.stream = TextStream(job.stop, job.strip_leading_space)
         job.cached_tokens = common
         job.slot_id = slot.seq_id

@@ -123,6 +123,7 @@ class Slot:
         self.job: Job | None = None
         self.prompt_pos = 0              # next prompt token to decode
         self.pending: int | None = None  # sampled, not yet decoded
+        self.replay: list[int] = []      # kept tokens a rewound recurrent state must decode again, before pending
         self.stream: TextStream | None = None
         self.last_used = 0
 
@@ -558,6 +559,7 @@ class Engine:
     def _release(self, slot):
         slot.job = None
         slot.pending = None
+        slot.replay = []
         slot.stream = None
         self._use_counter += 1
         slot.last_used = self._use_counter
@@ -577,6 +579,11 @@ class Engine:
         busy = self.lora.batchable(self.ctx, [s for s in self.slots if s.job is not None])  # one LoRA set a step
         for s in busy:                 # generating slots first: one token each
             if s.pending is not None:
+                for t in s.replay:     # (speculative decoding on a recurrent model: server/speculative.py)
+                    batch.add(t, len(s.tokens), s.seq_id, False)
+                    s.tokens.append(t)
+                room -= len(s.replay)
+                s.replay = []
                 plan.append((s, batch.add(s.pending, len(s.tokens), s.seq_id, True)))
                 s.tokens.append(s.pending)
                 s.pending = None

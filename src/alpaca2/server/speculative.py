@@ -202,21 +202,34 @@ class SlotSpeculation:
         self.begun = [None] * parallel         # the job whose generation the n-gram drafters know, per slot
         self.step_drafts = {}                  # seq_id -> (the pending token's batch index, drafts, their indices)
         self.from_ngram = set()                # seq_ids whose drafts this step are the n-gram drafters'
+        self.rewind = False                    # a recurrent cache: states saved before drafts (check_partial_removal)
+        self.snaps = {}                        # seq_id -> its checkpoint from before this step's decode
         self.stats = stats if stats is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
 
     def check_partial_removal(self):
-        """llama-server's check: a cache that cannot drop its last positions (a recurrent model's)
-        cannot take back rejected drafts.  (The engine calls it on its decode thread, in the warm-up:
-        the context's graphs are computed on that thread only.)"""
+        """llama-server's check: can the cache drop its last positions?  A recurrent model's cannot
+        take back rejected drafts: then, as llama-server's checkpoints, each drafting slot's state is
+        saved before the step, and after a rejection put back, the kept tokens decoded again at the
+        head of the slot's next batch (rewind).  (The engine calls this on its decode thread, in the
+        warm-up: the context's graphs are computed on that thread only.)"""
         ctx = self.ctx
         ctx.decode([0, 0], seq_id=0)
         try:
             ctx.seq_rm(0, 1, -1)
         except ValueError:
-            raise ValueError("speculative decoding needs a KV cache that can drop its last tokens; "
-                             "this model's (recurrent) cannot: start without -md/--lookup/--spec-type") from None
+            self.rewind = True
         finally:
             ctx.seq_rm(0, 0, -1)
+
+    def _rewind(self, slot, checkpoint):
+        """Put back the slot's state from before the step; what it kept is decoded again next step."""
+        try:
+            n = self.ctx.restore_seq(checkpoint)
+        except BaseException:
+            slot.tokens = []             # (a failed restore leaves the sequence empty)
+            raise
+        slot.replay = slot.tokens[n:]
+        del slot.tokens[n:]
 
     def _draft_cheap(self, slot, n_max) -> list:
         """The n-gram drafters' draft (llama.cpp's, then --lookup), or []."""
@@ -239,6 +252,7 @@ class SlotSpeculation:
         keep their indices); generating: (slot, batch index of its pending token).  The n-gram
         drafters go first; the slots they leave without a draft ask the draft model, all at once."""
         self.step_drafts = {}
+        self.snaps = {}
         self.from_ngram.clear()
         found, want = [], []
         for slot, idx in generating:
@@ -275,6 +289,8 @@ class SlotSpeculation:
                 if len(d) >= self.n_draft_min:     # as llama-server: too short, not worth it
                     found.append((s, idx, d))
         for slot, idx, drafts in found:
+            if self.rewind:
+                self.snaps[slot.seq_id] = self.ctx.checkpoint_seq(slot.seq_id)
             pos = len(slot.tokens)
             idxs = [batch.add(t, pos + i, slot.seq_id, True) for i, t in enumerate(drafts)]
             self.step_drafts[slot.seq_id] = (idx, drafts, idxs)
@@ -299,8 +315,14 @@ class SlotSpeculation:
                         break
                     new.append(sampler.sample(self.ctx, i))
         finally:              # kept drafts enter the slot's tokens; the others leave the cache
-            slot.tokens += drafts[:max(len(new) - 1, 0)]
-            self.ctx.seq_rm(slot.seq_id, len(slot.tokens), -1)
+            kept = drafts[:max(len(new) - 1, 0)]
+            slot.tokens += kept
+            if not self.rewind:
+                self.ctx.seq_rm(slot.seq_id, len(slot.tokens), -1)
+            else:
+                checkpoint = self.snaps.pop(slot.seq_id)
+                if len(kept) < len(drafts):
+                    self._rewind(slot, checkpoint)
         n_ok = len(new) - 1
         if slot.seq_id in self.from_ngram:
             self.ngram.accept(slot.seq_id, n_ok)

@@ -110,7 +110,7 @@ def test_without_a_save_path_slot_actions_are_not_supported(tiny_path):
 def test_a_recurrent_slot_decodes_a_changed_prompt_again(arch, mamba_path, hybrid_path):
     """A recurrent state is kept whole or not at all: a slot's next prompt that shares only a prefix
     with what it holds is decoded again from the start (it was a 500: the cache refused to drop its
-    last positions).  Greedy answers equal a fresh server's."""
+    last positions).  Without checkpoints (--ctx-checkpoints 0).  Greedy answers equal a fresh server's."""
     path = {"mamba": mamba_path, "hybrid": hybrid_path}[arch]
     prompts = ["the cat sat on the mat", "the cat sat on a hat", "the cat sat on the mat", "the cat"]
     body = {"n_predict": 12, "temperature": 0, "logit_bias": NO_EOS, "return_tokens": True}
@@ -120,7 +120,7 @@ def test_a_recurrent_slot_decodes_a_changed_prompt_again(arch, mamba_path, hybri
         assert r.status_code == 200, r.text
         return r.json()
 
-    s = ServerProcess(path, "-np", "1", "-c", "256")
+    s = ServerProcess(path, "-np", "1", "-c", "256", "--ctx-checkpoints", "0")
     try:
         reused = [ask(s, p) for p in prompts]
     finally:
@@ -134,3 +134,39 @@ def test_a_recurrent_slot_decodes_a_changed_prompt_again(arch, mamba_path, hybri
             s.stop()
     assert [r["timings"]["cache_n"] for r in reused][1:3] == [0, 0]     # only a prefix in common: again
     assert [r["tokens"] for r in reused] == [r["tokens"] for r in fresh]
+
+
+@pytest.mark.parametrize("arch", ["mamba", "hybrid"])
+def test_a_recurrent_slot_starts_from_its_checkpoint(arch, mamba_path, hybrid_path):
+    """llama-server's context checkpoints: a recurrent model's slot is checkpointed 4 tokens before its
+    prompt's end, and a later prompt that shares that much starts there instead of from scratch
+    (the conversation re-rendered a little differently, say).  Greedy answers equal a fresh server's;
+    --ctx-checkpoints 0 makes none."""
+    path = {"mamba": mamba_path, "hybrid": hybrid_path}[arch]
+    first = [1] + list(range(10, 40))
+    second = first[:-3] + [50, 51, 52, 53]                    # shares 28 tokens with the first
+    body = {"n_predict": 10, "temperature": 0, "logit_bias": NO_EOS, "return_tokens": True}
+
+    def ask(server, prompt):
+        r = httpx.post(server.url + "/completion", json=dict(body, prompt=prompt), timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    got = {}
+    for flags in (["--ctx-checkpoints", "4"], ["--ctx-checkpoints", "0"]):
+        s = ServerProcess(path, "-np", "1", "-c", "256", *flags)
+        try:
+            got[flags[1]] = [ask(s, first), ask(s, second), ask(s, first)]
+        finally:
+            s.stop()
+    s = ServerProcess(path, "-np", "1", "-c", "256")
+    try:
+        fresh = ask(s, second)
+    finally:
+        s.stop()
+    with_ck, without = got["4"], got["0"]
+    # the third: the second's checkpoint (28 tokens, all the first's) is the latest that fits
+    assert [r["timings"]["cache_n"] for r in with_ck] == [0, len(first) - 4, len(second) - 4]
+    assert [r["timings"]["cache_n"] for r in without] == [0, 0, 0]
+    assert with_ck[1]["tokens"] == without[1]["tokens"] == fresh["tokens"]
+    assert with_ck[2]["tokens"] == with_ck[0]["tokens"] == without[0]["tokens"]

@@ -210,6 +210,19 @@ def test_recurrent_models_draft_and_rewind(arch, mamba_path, hybrid_path):
         drafted, accepted = metric(metrics, "spec_decode_num_draft_tokens_total"), \
             metric(metrics, "spec_decode_num_accepted_tokens_total")
         assert 0 < accepted < drafted, (np_, flags, accepted, drafted)
+    # after sleeping (the contexts made again) the slots still rewind
+    spec = ServerProcess(path, "-np", "1", "-c", "1024", "--metrics", "--sleep-idle-seconds", "1", *FLAGS["ngram-simple"])
+    try:
+        first = post(spec, dict(BODY, prompt=PROMPTS[3]))
+        deadline = time.monotonic() + 15
+        while not httpx.get(spec.url + "/props", timeout=30).json()["is_sleeping"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        woken = post(spec, dict(BODY, prompt=PROMPTS[3]))
+    finally:
+        spec.stop()
+    assert first["tokens"] == woken["tokens"] == want[3]
+    assert 0 < woken["timings"]["draft_n_accepted"] < woken["timings"]["draft_n"]
 
 
 def test_synthetic_acceptance_rates():

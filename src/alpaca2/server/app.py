@@ -384,6 +384,7 @@ def _serve(args, model_path, model_kwargs, builtin_tools, cors_proxy=None) -> in
                         n_draft=args.draft_max, n_draft_min=max(1, min(args.draft_min, args.draft_max)),
                         draft_p_min=args.draft_p_min, kv_unified=args.kv_unified, cache_ram=args.cache_ram,
                         cache_idle_slots=args.cache_idle_slots, lora=lora, spec_types=args.spec_type,
+                        ctx_checkpoints=args.ctx_checkpoints,
                         spec_options=dict(ngram=ngram_settings(args), synth_len=args.spec_synth_len,
                                           synth_rates=args.spec_synth_rates))
     except BaseException:

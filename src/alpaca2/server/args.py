@@ -243,10 +243,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     c.add_argument("--no-context-shift", action="store_true", help="accepted: the context never shifts")
     c.add_argument("--swa-full", action="store_true", help="accepted: the SWA cache is always full size")
     c.add_argument("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints", dest="ctx_checkpoints", type=_int_in(0, 1 << 20),
-                   default=8, metavar="N", help="accepted: SWA caches are full size, so a prompt reuses any cached "
-                   "prefix without checkpoints (a recurrent model's prompt is decoded again)")
+                   default=32, metavar="N", help="a recurrent or hybrid model's checkpoints per slot (default 32; "
+                   "0: none), made 4 + --ubatch-size and 4 tokens before each prompt's end, so that a later prompt "
+                   "sharing only a prefix starts from one instead of from scratch (SWA caches are full size here: "
+                   "they reuse any prefix without checkpoints)")
     c.add_argument("-cms", "--checkpoint-min-step", type=_int_in(0, 1 << 30), default=0, metavar="N",
-                   help="accepted (see --ctx-checkpoints)")
+                   help="accepted (checkpoints are made only near each prompt's end)")
     c.add_argument("--no-warmup", action="store_true", help="accepted (a one-token warm-up decode always runs)")
 
     d = p.add_argument_group("speculative decoding (every slot; alpaca2.server.speculative)")

@@ -202,24 +202,9 @@ class SlotSpeculation:
         self.begun = [None] * parallel         # the job whose generation the n-gram drafters know, per slot
         self.step_drafts = {}                  # seq_id -> (the pending token's batch index, drafts, their indices)
         self.from_ngram = set()                # seq_ids whose drafts this step are the n-gram drafters'
-        self.rewind = False                    # a recurrent cache: states saved before drafts (check_partial_removal)
+        self.rewind = False                    # a recurrent cache (set by the engine): checkpoints before drafts
         self.snaps = {}                        # seq_id -> its checkpoint from before this step's decode
         self.stats = stats if stats is not None else {"n_drafted": 0, "n_accepted": 0, "n_steps": 0}
-
-    def check_partial_removal(self):
-        """llama-server's check: can the cache drop its last positions?  A recurrent model's cannot
-        take back rejected drafts: then, as llama-server's checkpoints, each drafting slot's state is
-        saved before the step, and after a rejection put back, the kept tokens decoded again at the
-        head of the slot's next batch (rewind).  (The engine calls this on its decode thread, in the
-        warm-up: the context's graphs are computed on that thread only.)"""
-        ctx = self.ctx
-        ctx.decode([0, 0], seq_id=0)
-        try:
-            ctx.seq_rm(0, 1, -1)
-        except ValueError:
-            self.rewind = True
-        finally:
-            ctx.seq_rm(0, 0, -1)
 
     def _rewind(self, slot, checkpoint):
         """Put back the slot's state from before the step; what it kept is decoded again next step."""

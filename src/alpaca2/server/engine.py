@@ -27,6 +27,7 @@ from alpaca2.server.embed_job import EmbedJob
 from alpaca2.server.event_queue import EventQueue
 from alpaca2.server.lora import LoraSet
 from alpaca2.server.prompt_cache import common_prefix, pick_slot
+from alpaca2.server.checkpoints import Checkpoints, cannot_drop_last
 from alpaca2.server.speculative import SlotSpeculation
 from alpaca2.server.validation import APIError
 from alpaca2.streaming import TextStream
@@ -156,7 +157,7 @@ class Engine:
                                stats={"n_drafted": 0, "n_accepted": 0, "n_steps": 0})   # kept while asleep
         self.ctx = self.spec = None
         self.recurrent = False          # the cache cannot drop its last positions (set by the warm-up)
-        self.ctx_checkpoints = ctx_checkpoints
+        self.checkpoints = Checkpoints(ctx_checkpoints, self._ctx_args["n_ubatch"])   # (recurrent models)
         # each slot gets n_ctx / parallel, a KV-cache stream of its own (as llama-server's: attention
         # reads only that slot's cells); with kv_unified (-kvu) the slots share one cache, any slot may
         # use all of it, and a step that finds it full evicts idle slots' tokens, then fails the busy requests
@@ -285,19 +286,6 @@ class Engine:
             self._asleep = False
         return True
 
-    def _probe_recurrent(self) -> bool:
-        """llama-server's check: can the cache drop its last positions?  A recurrent state cannot: its
-        slots go back through checkpoints (a prompt that shares only a prefix, rejected drafts)."""
-        ctx = self.ctx
-        ctx.decode([0, 0], seq_id=0)
-        try:
-            ctx.seq_rm(0, 1, -1)
-            return False
-        except ValueError:
-            return True
-        finally:
-            ctx.seq_rm(0, 0, -1)
-
     def _run_warm(self, warmed, failed):
         """The decode thread: first tokenize and decode a few tokens (then forget them), before the
         server listens, so that a model that fails here never reports healthy (llama-server warms up
@@ -306,7 +294,7 @@ class Engine:
             ids = self.model.tokenize("Hello", add_bos=True, special=False)[:8] or [max(self.model.bos, 0)]
             self.ctx.decode(ids, seq_id=0)
             self.ctx.seq_rm(0, 0, -1)
-            self.recurrent = self._probe_recurrent()
+            self.recurrent = cannot_drop_last(self.ctx)
             if self.spec is not None:
                 self.spec.rewind = self.recurrent
         except BaseException as e:
@@ -536,7 +524,7 @@ class Engine:
         try:
             self.ctx.seq_rm(slot.seq_id, common, -1)
         except ValueError:          # a recurrent state is kept whole or not at all: a checkpoint, or from the start
-            common = self._from_checkpoint(slot, job, common)
+            common = self.checkpoints.restore(self.ctx, slot, job, common)
         del slot.tokens[common:]
         slot.prompt_pos = common
         slot.pending = None
@@ -565,46 +553,6 @@ class Engine:
         t0 = job.t_start or time.monotonic()
         return ("progress", {"total": len(job.tokens), "cache": job.cached_tokens, "processed": processed,
                              "time_ms": int((time.monotonic() - t0) * 1e3)}, job.timings)   # timings as of now
-
-    # -- recurrent models: context checkpoints (llama-server's --ctx-checkpoints) -------------------
-    def _checkpoint_cut(self, slot, n):
-        """How many of the slot's next n prompt tokens go into this batch: a recurrent model's chunk
-        ends where llama-server makes its checkpoints, 4 + n_ubatch and 4 tokens before the end."""
-        if self.recurrent and self.ctx_checkpoints > 0:
-            end = len(slot.job.tokens)
-            for b in (end - 4 - self._ctx_args["n_ubatch"], end - 4):
-                if slot.prompt_pos < b < slot.prompt_pos + n:
-                    return b - slot.prompt_pos
-        return n
-
-    def _checkpoint_after(self, slot):
-        """After a prompt chunk: checkpoint the slot if the chunk ended at a checkpoint's place."""
-        end = len(slot.job.tokens)
-        if not (self.recurrent and self.ctx_checkpoints > 0 and 0 < slot.prompt_pos < end
-                and slot.prompt_pos in (end - 4 - self._ctx_args["n_ubatch"], end - 4)):
-            return
-        n, tokens, lora = slot.prompt_pos, slot.tokens[:slot.prompt_pos], getattr(slot.job, "lora_scales", None)
-        slot.checkpoints = [c for c in slot.checkpoints if not (c[0] == n and c[2] == tokens and c[3] == lora)]
-        slot.checkpoints.append((n, self.ctx.checkpoint_seq(slot.seq_id), tokens, lora))
-        del slot.checkpoints[:-self.ctx_checkpoints]
-
-    def _from_checkpoint(self, slot, job, common) -> int:
-        """The slot's state from its latest checkpoint within the prefix that job's prompt shares with
-        what the slot holds (common tokens; same LoRA scales, this context): a checkpoint is the
-        recurrent part only, a hybrid model's attention cells before it must be the slot's own.
-        Returns the tokens the slot then holds, 0 when none fits (the sequence is emptied)."""
-        lora = getattr(job, "lora_scales", None)
-        for n, ck, tokens, ck_lora in sorted(slot.checkpoints, key=lambda c: -c[0]):
-            if (n <= common and ck_lora == lora and ck.context is self.ctx and job.tokens[:n] == tokens
-                    and slot.tokens[:n] == tokens):
-                try:
-                    self.ctx.restore_seq(ck)
-                except (Alpaca2Error, ValueError):
-                    break
-                slot.tokens = list(tokens)
-                return n
-        self.ctx.seq_rm(slot.seq_id, 0, -1)
-        return 0
 
     def _forget(self, slot):
         """Drop a slot's KV cache (after a failed decode its contents are unknown)."""
@@ -651,7 +599,9 @@ class Engine:
             room = min(room, PROMPT_CHUNK_WHILE_GENERATING)        # so their next token is not held up
         for s in sorted(busy, key=lambda s: s.job.t_submit):      # then prompts, oldest first
             job = s.job
-            n = self._checkpoint_cut(s, min(room, len(job.tokens) - s.prompt_pos))
+            n = min(room, len(job.tokens) - s.prompt_pos)
+            if self.recurrent:
+                n = self.checkpoints.cut(s, n)
             if n <= 0 or s.prompt_pos >= len(job.tokens):
                 continue
             for k in range(s.prompt_pos, s.prompt_pos + n):
@@ -690,7 +640,8 @@ class Engine:
         now = time.monotonic()
         for s in prompting:
             if s.job is not None:
-                self._checkpoint_after(s)
+                if self.recurrent:
+                    self.checkpoints.after(self.ctx, s)
                 s.job.n_prompt_done = s.prompt_pos - s.job.cached_tokens
                 s.job.t_prompt_last = now
                 if s.job.return_progress:

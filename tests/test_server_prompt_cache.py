@@ -263,7 +263,7 @@ def test_out_of_memory_shrinks_the_limit(model, ctx):
     held = cache.size
 
     class NoMemory:
-        def save_seq_state(self, seq_id):
+        def checkpoint_seq(self, seq_id, full=False):
             raise MemoryError
     slot.tokens = ids(model, OTHER)
     assert not cache.save(NoMemory(), slot)

@@ -170,3 +170,27 @@ def test_a_recurrent_slot_starts_from_its_checkpoint(arch, mamba_path, hybrid_pa
     assert [r["timings"]["cache_n"] for r in without] == [0, 0, 0]
     assert with_ck[1]["tokens"] == without[1]["tokens"] == fresh["tokens"]
     assert with_ck[2]["tokens"] == with_ck[0]["tokens"] == without[0]["tokens"]
+
+
+@pytest.mark.parametrize("arch", ["mamba", "hybrid"])
+def test_a_recurrent_models_prompt_cache_loads_states_back(arch, mamba_path, hybrid_path):
+    """--cache-ram on a recurrent or hybrid model: the cache holds whole sequence states
+    (Context.checkpoint_seq(full=True)), so a prompt that comes back starts from its cached state,
+    not from scratch (a state file's check refused them).  Greedy answers stay the same."""
+    path = {"mamba": mamba_path, "hybrid": hybrid_path}[arch]
+    a, b = [1] + list(range(10, 40)), [1] + list(range(200, 230))
+    body = {"n_predict": 6, "temperature": 0, "logit_bias": NO_EOS, "return_tokens": True}
+    c = [1] + list(range(300, 330))
+    # one slot: b pushes a into the cache and a comes back; two slots: c pushes a out of slot 1 into
+    # the cache, and a comes back into slot 0 (pushing b out)
+    plans = {1: [(a, 0), (b, 0), (a, 0)], 2: [(a, 1), (b, 0), (c, 1), (a, 0)]}
+    for np_, plan in plans.items():
+        s = ServerProcess(path, "-np", str(np_), "-c", str(256 * np_), "--cache-ram", "64")
+        try:
+            got = [httpx.post(s.url + "/completion", json=dict(body, prompt=p, id_slot=slot), timeout=60).json()
+                   for p, slot in plan]
+        finally:
+            s.stop()
+        assert got[-1]["tokens"] == got[0]["tokens"], np_
+        # a's state came back from the cache, with its checkpoint 4 tokens before the prompt's end
+        assert [r["timings"]["cache_n"] for r in got] == [0] * (len(plan) - 1) + [len(a) - 4], np_

@@ -259,3 +259,21 @@ def test_checkpoints_cannot_be_forged_or_moved(mamba_path):
                 a.checkpoint_seq(3)                 # no such sequence
         with pytest.raises(alpaca2.errors.Alpaca2Error):
             a.restore_seq(ck)                       # the context is closed
+
+
+def test_a_whole_checkpoint_moves_to_another_sequence(kind_model):
+    """checkpoint_seq(full=True): the whole sequence (KV cells too), restored into any sequence
+    (the server's prompt cache), unchecked; continuing from it gives identical logits."""
+    kind, model = kind_model
+    with alpaca2.Context(model, n_ctx=64, n_batch=32, n_threads=2, n_seq_max=2) as ctx:
+        fill(ctx, model, 1)
+        n0 = len(model.tokenize("床前明月光 hello", add_bos=True))
+        ck = ctx.checkpoint_seq(0, full=True)
+        assert ck.full and len(ck) == ck.nbytes > 0
+        ctx.decode([5, 6], seq_id=0)
+        want = ctx.logits.copy()
+        assert ctx.restore_seq(ck, 1) == n0          # into sequence 1, which held nothing
+        ctx.decode([5, 6], seq_id=1)
+        assert np.array_equal(ctx.logits, want)
+        with pytest.raises(ValueError):
+            ctx.restore_seq(ck, 2)                   # no such sequence

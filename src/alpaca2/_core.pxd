@@ -64,7 +64,8 @@ cdef class SeqCheckpoint:
     cdef readonly Context context     # the only context that may restore it
     cdef readonly int seq_id
     cdef readonly int n_pos           # positions the sequence held when it was taken
-    cdef bytes _data                  # llama.cpp's partial state of the sequence, never handed out
+    cdef bytes _data                  # llama.cpp's state of the sequence, never handed out
+    cdef readonly bint full           # the whole sequence (else its partial state: the recurrent part)
 
 
 cdef class SamplerChain:

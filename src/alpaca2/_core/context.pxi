@@ -661,46 +661,57 @@ cdef class Context:
             return <int64_t>llama_memory_seq_pos_max(self.mem, s) + 1
 
     # -- one sequence's checkpoint (llama-server's context checkpoints) ---------------------------
-    def checkpoint_seq(self, seq_id=0):
-        """A checkpoint of sequence seq_id: its partial state (llama.cpp's PARTIAL_ONLY: the recurrent
-        state of a recurrent or hybrid model), which restore_seq() puts back.  This is how a cache
-        that cannot drop its last positions goes back (llama-server's context checkpoints)."""
+    def checkpoint_seq(self, seq_id=0, full=False):
+        """A checkpoint of sequence seq_id, which restore_seq() puts back: its partial state
+        (llama.cpp's PARTIAL_ONLY: the recurrent state of a recurrent or hybrid model), how a cache
+        that cannot drop its last positions goes back (llama-server's context checkpoints); with
+        full=True all of it, KV cells too (as save_seq_state, but restored without a check: a
+        server's prompt cache in host memory)."""
         cdef size_t size, n
         cdef uint8_t * dst
         cdef int s
+        cdef llama_state_seq_flags flags = 0 if full else LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         cdef SeqCheckpoint ck
         with self._lock:
             self._check()
             self._check_seq(seq_id)
             s = seq_id
-            size = llama_state_seq_get_size_ext(self.ptr, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+            size = llama_state_seq_get_size_ext(self.ptr, s, flags)
             data = PyBytes_FromStringAndSize(NULL, size)
             dst = <uint8_t *>PyBytes_AS_STRING(data)
             with nogil:
-                n = llama_state_seq_get_data_ext(self.ptr, dst, size, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+                n = llama_state_seq_get_data_ext(self.ptr, dst, size, s, flags)
             n_pos = <int64_t>llama_memory_seq_pos_max(self.mem, s) + 1
         if n != size:
             raise StateError(f"could not checkpoint sequence {seq_id} ({n} of {size} bytes)")
         ck = SeqCheckpoint.__new__(SeqCheckpoint)
-        ck.context, ck.seq_id, ck.n_pos, ck._data = self, seq_id, n_pos, data
+        ck.context, ck.seq_id, ck.n_pos, ck._data, ck.full = self, seq_id, n_pos, data, bool(full)
         return ck
 
-    def restore_seq(self, SeqCheckpoint checkpoint not None):
-        """Put back a checkpoint this context took (checkpoint_seq): the sequence is as it was then,
-        its later positions gone from the rest of its cache too.  Returns the positions it holds.  The
-        bytes are llama.cpp's own, for this very context, so they are not checked again; on a failure
-        the sequence is left empty."""
+    def restore_seq(self, SeqCheckpoint checkpoint not None, seq_id=None):
+        """Put back a checkpoint this context took (checkpoint_seq) into its sequence (or into seq_id:
+        a whole one fits any; a partial one only the sequence whose other cells it was taken with):
+        the sequence is as it was then, its later positions gone from the rest of its cache too.
+        Returns the positions it holds.  The bytes are llama.cpp's own, for this very context, so
+        they are not checked again; on a failure the sequence is left empty."""
         cdef size_t n
-        cdef int s = checkpoint.seq_id
+        cdef int s
         cdef bytes data = checkpoint._data
         cdef const uint8_t * src = <const uint8_t *>PyBytes_AS_STRING(data)
         cdef size_t size = len(data)
+        cdef llama_state_seq_flags flags = 0 if checkpoint.full else LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         if checkpoint.context is not self:
             raise ValueError("the checkpoint was taken by another context")
+        target = checkpoint.seq_id if seq_id is None else seq_id
         with self._lock:
             self._check()
+            self._check_seq(target)
+            s = target
+            # a whole state goes into an empty sequence (llama.cpp keeps what it held when it is empty)
+            if checkpoint.full and not llama_memory_seq_rm(self.mem, s, -1, -1):
+                raise StateError(f"could not empty sequence {s}")
             with nogil:
-                n = llama_state_seq_set_data_ext(self.ptr, src, size, s, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+                n = llama_state_seq_set_data_ext(self.ptr, src, size, s, flags)
             if n == 0 or not llama_memory_seq_rm(self.mem, s, checkpoint.n_pos, -1):
                 llama_memory_seq_rm(self.mem, s, -1, -1)
                 raise StateError(f"could not restore the checkpoint of sequence {s}")
@@ -733,5 +744,9 @@ cdef class SeqCheckpoint:
     def nbytes(self):
         return len(self._data)
 
+    def __len__(self):
+        return len(self._data)
+
     def __repr__(self):
-        return f"<SeqCheckpoint seq_id={self.seq_id} n_pos={self.n_pos} {len(self._data)} bytes>"
+        return (f"<SeqCheckpoint seq_id={self.seq_id} n_pos={self.n_pos} {'full' if self.full else 'partial'} "
+                f"{len(self._data)} bytes>")

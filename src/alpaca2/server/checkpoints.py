@@ -65,7 +65,7 @@ class Checkpoints:
             if (n <= common and ck_lora == lora and ck.context is ctx and job.tokens[:n] == tokens
                     and slot.tokens[:n] == tokens):
                 try:
-                    ctx.restore_seq(ck)
+                    ctx.restore_seq(ck, slot.seq_id)     # (it may come from another slot: the prompt cache)
                 except (Alpaca2Error, ValueError):
                     break
                 slot.tokens = list(tokens)

@@ -73,17 +73,19 @@ def wants_update(slot_tokens, tokens, by_id: bool) -> bool:
 
 
 class CachedPrompt:
-    """One sequence's state in host memory and the tokens it holds."""
-    __slots__ = ("tokens", "data", "key")
+    """One sequence's state in host memory and the tokens it holds (with a recurrent model's
+    checkpoints taken on the way: server/checkpoints.py)."""
+    __slots__ = ("tokens", "data", "key", "checkpoints")
 
-    def __init__(self, tokens, data, key=()):
+    def __init__(self, tokens, data, key=(), checkpoints=()):
         self.tokens = tokens
         self.data = data
         self.key = key          # what else the state depends on: the LoRA scales it was computed with
+        self.checkpoints = list(checkpoints)
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return len(self.data) + sum(len(c[1]) for c in self.checkpoints)
 
 
 def make(cache_ram_mib: int, n_ctx: int, *, idle_slots=True, kv_unified=False,
@@ -171,8 +173,8 @@ class PromptCache:
         if any(st.key == key and common_prefix(st.tokens, tokens) == len(tokens) for st in self.states):
             log.debug(" - prompt is already in the cache, skipping")
             return False
-        try:
-            data = ctx.save_seq_state(slot.seq_id)
+        try:        # the whole state, restored without a check: it never leaves this process
+            data = ctx.checkpoint_seq(slot.seq_id, full=True)
         except Alpaca2Error as e:
             log.warning("could not save slot %d to the prompt cache: %s", slot.seq_id, e)
             return False
@@ -197,7 +199,7 @@ class PromptCache:
             log.debug(" - making room for prompt cache entry, removing oldest entry (size = %.3f MiB)",
                       self.states[0].size / MiB)
             self.states.pop(0)
-        self.states.append(CachedPrompt(list(tokens), data, key))
+        self.states.append(CachedPrompt(list(tokens), data, key, getattr(slot, "checkpoints", ())))
         return True
 
     def load(self, ctx, slot, tokens) -> bool:
@@ -219,12 +221,14 @@ class PromptCache:
             return True
         log.debug(" - found better prompt with f_keep = %.3f, f_sim = %.3f", keep_best, sim_best)
         try:
-            n = ctx.load_seq_state(best.data, slot.seq_id)
-        except Alpaca2Error as e:       # the sequence is empty now (no room in the shared KV cache ...)
+            n = ctx.restore_seq(best.data, slot.seq_id)
+        except (Alpaca2Error, ValueError) as e:     # the sequence is empty now (no room in the shared KV cache ...)
             log.warning("slot %d: failed to load prompt from cache: %s", slot.seq_id, e)
             slot.tokens = []
             return False
         slot.tokens = best.tokens[:n]
+        if hasattr(slot, "checkpoints"):
+            slot.checkpoints = list(best.checkpoints)
         self.states.remove(best)
         return True
 

@@ -585,11 +585,12 @@ class Engine:
         busy = self.lora.batchable(self.ctx, [s for s in self.slots if s.job is not None])  # one LoRA set a step
         for s in busy:                 # generating slots first: one token each
             if s.pending is not None:
-                for t in s.replay:     # (speculative decoding on a recurrent model: server/speculative.py)
-                    batch.add(t, len(s.tokens), s.seq_id, False)
-                    s.tokens.append(t)
-                room -= len(s.replay)
-                s.replay = []
+                if s.replay:           # (speculative decoding on a recurrent model: server/speculative.py)
+                    for t in s.replay:
+                        batch.add(t, len(s.tokens), s.seq_id, False)
+                        s.tokens.append(t)
+                    room -= len(s.replay)
+                    s.replay = []
                 plan.append((s, batch.add(s.pending, len(s.tokens), s.seq_id, True)))
                 s.tokens.append(s.pending)
                 s.pending = None

@@ -199,7 +199,8 @@ class PromptCache:
             log.debug(" - making room for prompt cache entry, removing oldest entry (size = %.3f MiB)",
                       self.states[0].size / MiB)
             self.states.pop(0)
-        self.states.append(CachedPrompt(list(tokens), data, key, getattr(slot, "checkpoints", ())))
+        checkpoints = [c for c in getattr(slot, "checkpoints", ()) if tokens[:c[0]] == c[2]]   # of this prompt
+        self.states.append(CachedPrompt(list(tokens), data, key, checkpoints))
         return True
 
     def load(self, ctx, slot, tokens) -> bool:
